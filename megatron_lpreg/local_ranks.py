@@ -12,6 +12,7 @@ that rank's traceback; a rank that hangs is killed after ``timeout`` seconds.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -68,7 +69,9 @@ def _rank_main(rank, layout, port, fn, args, kwargs, threads, queue):
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-        queue.put((rank, True, result))
+        # Plain pickle copies tensor storage into bytes; the queue's own pickler would
+        # pass shared-memory handles that die with this process.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, False, traceback.format_exc()))
 
@@ -116,7 +119,10 @@ def run_ranks(
                     f"ranks {sorted(set(range(n)) - set(results) - set(errors))} did not finish "
                     f"within {timeout:.0f}s (layout {layout})"
                 ) from None
-            (results if ok else errors)[rank] = payload
+            if ok:
+                results[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
             if not ok:
                 break  # the other ranks are probably blocked in a collective
     finally:

@@ -88,6 +88,13 @@ def _tp_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _effective_group(group):
+    """None for a group of one rank: its collectives would be no-ops that still cost."""
+    if group is not None and dist.get_world_size(group) == 1:
+        return None
+    return group
+
+
 def _make_shard(logits: torch.Tensor, group, vocab_size: int | None) -> _Shard:
     rank, tp = _tp_rank_size(group)
     n_local = logits.shape[-1]
@@ -276,6 +283,7 @@ def token_stats(
     _check_logits(logits, temperature, chunk_elements)
     _check_target(logits, target)
     _validate_proxy(proxy, proxy_threshold)
+    tp_group = _effective_group(tp_group)
     shard = _make_shard(logits, tp_group, vocab_size)
     _check_target_range(target, shard)
 
@@ -399,7 +407,11 @@ class _VocabParallelLogProb(torch.autograd.Function):
         for lo in range(0, n, step):
             rows = slice(lo, min(lo + step, n))
             x = _tempered_chunk(logits2d, rows, shard, temperature)
-            logp = x - (m_all[rows] + log_s_all[rows]).unsqueeze(1)
+            # (x - m) - log S, not x - (m + log S): x - m is exact and keeps
+            # p accurate to fp32 rounding of log S alone.
+            logp = (x - m_all[rows].unsqueeze(1)).sub_(log_s_all[rows].unsqueeze(1))
+            if use_h:  # a -inf logit would give 0 * -inf in dH/dx; its true term is 0
+                logp.clamp_(min=torch.finfo(logp.dtype).min)
             p = torch.exp(logp)
             g = g_lp[rows].to(x.dtype).unsqueeze(1)
             gx = p.mul_(-g) if not use_h else p * (-g)
@@ -441,6 +453,7 @@ def vocab_parallel_logprob(
     """
     _check_logits(logits, temperature, chunk_elements)
     _check_target(logits, target)
+    tp_group = _effective_group(tp_group)
     shard = _make_shard(logits, tp_group, vocab_size)
     _check_target_range(target, shard)
     lead = logits.shape[:-1]
@@ -526,6 +539,7 @@ def minp_proxy_kl(
     """
     _check_logits(logits, temperature, chunk_elements)
     _validate_proxy("minp", kappa)
+    tp_group = _effective_group(tp_group)
     shard = _make_shard(logits, tp_group, vocab_size)
     logits2d = logits.reshape(-1, shard.n_local)
     step = _chunk_rows(logits2d.shape[0], shard.n_local, chunk_elements)

@@ -10,20 +10,26 @@ from __future__ import annotations
 import torch
 
 
-def dense_stats(logits, target, *, proxy="minp", threshold=0.02, temperature=1.0, vocab_size=None):
-    """logits [T, V'] any float dtype, target [T]. Returns float64 tensors [T]."""
+def dense_stats(logits, target, *, proxy="minp", threshold=0.02, temperature=1.0, vocab_size=None,
+                keep=None):
+    """logits [T, V'] any float dtype, target [T]. Returns float64 tensors [T]
+    (log-prob, entropy, proxy log-prob, in-proxy). ``keep`` [T, V] bool overrides
+    the kept set (for exact ties, see :func:`logit_space_keep`)."""
     z = logits.double()
     if vocab_size is not None:
         z = z[:, :vocab_size]
     x = z / temperature
     logp = torch.log_softmax(x, dim=-1)
     p = logp.exp()
-    entropy = -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
+    # 0 * log 0 = 0, written so that no NaN reaches the gradient either
+    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
     lp_y = logp.gather(1, target[:, None]).squeeze(1)
 
     # the kept set is chosen on the untempered distribution
     p_raw = torch.softmax(z, dim=-1)
-    if proxy in ("minp", "minp_soft"):
+    if keep is not None:
+        keep = keep[:, : z.shape[1]]
+    elif proxy in ("minp", "minp_soft"):
         keep = p_raw >= threshold * p_raw.max(dim=-1, keepdim=True).values
     elif proxy == "fixed":
         keep = p_raw >= threshold
