@@ -4,7 +4,7 @@ Math: ``shared/design/LPREG.md`` sections 1 and 4. Rank ``r`` of a tensor-parall
 group of size ``tp`` holds the logits columns ``[r * V/tp, (r + 1) * V/tp)`` of the
 (padded) vocabulary, megatron-core's convention. Every quantity is assembled from
 per-shard partial sums joined by all-reduces; no rank ever holds a full vocabulary
-row, and no fp32 copy of more than one chunk of tokens is ever made.
+row.
 
 For each token with tempered logits ``x = z / T``, ``m = max_v x_v`` and
 ``d = x - m``:
@@ -22,13 +22,17 @@ reference filters before applying the temperature):
 * ``minp_soft``: filtered logits are set to the row minimum instead of removed:
   ``S' = S_K + (V - |K|) * exp(d_min)`` and a filtered target gets ``d_min - log S'``.
 
-Collectives per chunk of tokens: ``minp`` and ``minp_soft`` one all-reduce-MAX and
-one all-reduce-SUM (of a few numbers per token); ``fixed`` one MAX and two SUMs.
-Backward passes need no collective: ``d log pi(y) / d x_v = 1[v = y] - p_v`` and
-``d H / d x_v = -p_v (log p_v + H)`` are local to each shard given ``m`` and ``log S``.
+Structure. Tokens go in *chunks* (one collective round each: ``chunk_tokens``,
+default all tokens) and, inside a chunk, in cache-sized *blocks* of rows
+(``block_elements`` fp32 temporaries, reused): one pass reads the shard for the
+row max, one all-reduce-MAX; a second blocked pass accumulates the partial sums,
+one all-reduce-SUM of a few numbers per token. ``fixed`` adds one blocked pass and
+one SUM. Backward passes need no collective: ``d log pi(y) / d x_v = 1[v = y] - p_v``
+and ``d H / d x_v = -p_v (log p_v + H)`` are local to each shard given ``m``,
+``log S`` and ``H``.
 
-The caller's logits are never modified: every in-place operation acts on a
-per-chunk temporary this module allocated.
+The caller's logits are never modified: in-place operations act only on the
+temporaries this module allocated.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 PROXY_KINDS = ("minp", "minp_soft", "fixed")
 
@@ -47,17 +52,19 @@ PROXY_KINDS = ("minp", "minp_soft", "fixed")
 # ``log pi < log pi_proxy`` can never select a token outside the proxy's support.
 PROXY_SENTINEL = -1e4
 
-# Elements of one fp32 chunk temporary: bounds the extra memory to a few times
-# 64 MiB whatever the vocabulary and token count.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# fp32 elements of one block temporary (4 MiB): small enough that a block's
+# several passes run from cache, large enough that per-block Python overhead is
+# noise at a 150k vocabulary (measured in bench/vocab_parallel.py).
+DEFAULT_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass
 class TokenStats:
     """Per-token results, all ``[*]`` (the leading shape of the logits).
 
-    logprob, entropy, proxy_logprob: fp32. in_proxy: bool, True where the target
-    token is inside the proxy's kept set (its proxy log-prob is then exact).
+    logprob, entropy, proxy_logprob: fp32 (fp64 for fp64 logits). in_proxy: bool,
+    True where the target is inside the proxy's kept set (its proxy log-prob is
+    then exact; elsewhere it is a sentinel <= min(-1e4, logprob)).
     """
 
     logprob: torch.Tensor
@@ -68,64 +75,46 @@ class TokenStats:
 
 @dataclass(frozen=True)
 class _Shard:
-    """Where this rank's columns sit in the global vocabulary."""
+    """Where this rank's columns sit in the global vocabulary, and how to walk them."""
 
-    rank: int
-    tp: int
     start: int  # global id of local column 0
     n_local: int  # columns held (padded vocabulary / tp)
     n_valid: int  # leading local columns that are real tokens (< vocab_size)
     vocab_size: int  # true vocabulary size (without padding)
+    chunk: int  # tokens per collective round
+    block: int  # rows per cache block (<= chunk)
+    dtype: torch.dtype  # compute dtype
 
 
 # ---------------------------------------------------------------------------
 # input checks and geometry
 
 
-def _tp_rank_size(group) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def _effective_group(group):
-    """None for a group of one rank: its collectives would be no-ops that still cost."""
+    """None for a missing or one-rank group: its collectives would be no-ops that cost."""
     if group is not None and dist.get_world_size(group) == 1:
         return None
     return group
 
 
-def _make_shard(logits: torch.Tensor, group, vocab_size: int | None) -> _Shard:
-    rank, tp = _tp_rank_size(group)
-    n_local = logits.shape[-1]
-    padded = n_local * tp
-    if vocab_size is None:
-        vocab_size = padded
-    if not 0 < vocab_size <= padded:
-        raise ValueError(
-            f"vocab_size={vocab_size} must be in (0, {padded}] "
-            f"(= {n_local} local columns x tensor-parallel size {tp})"
-        )
-    start = rank * n_local
-    n_valid = min(max(vocab_size - start, 0), n_local)
-    return _Shard(rank, tp, start, n_local, n_valid, vocab_size)
-
-
-def _check_logits(logits, temperature, chunk_elements):
+def _check_logits(logits, temperature, chunk_tokens, block_elements):
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
         raise ValueError("logits must be a tensor [..., vocab/tp]")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
+    if block_elements < 1:
+        raise ValueError(f"block_elements must be >= 1, got {block_elements}")
 
 
 def _check_target(logits, target):
-    if target.shape != logits.shape[:-1]:
+    if not isinstance(target, torch.Tensor) or target.shape != logits.shape[:-1]:
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
         raise ValueError(
-            f"target shape {tuple(target.shape)} must equal the logits' leading shape "
+            f"target shape {shape} must equal the logits' leading shape "
             f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})"
         )
     if target.dtype.is_floating_point or target.dtype == torch.bool:
@@ -144,8 +133,34 @@ def _check_target_range(target: torch.Tensor, shard: _Shard) -> None:
         )
 
 
-def _chunk_rows(n_tokens: int, n_local: int, chunk_elements: int) -> int:
-    return max(1, min(n_tokens, chunk_elements // max(n_local, 1)))
+def _make_shard(logits, group, vocab_size, chunk_tokens, block_elements) -> _Shard:
+    rank, tp = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+    n_local = logits.shape[-1]
+    padded = n_local * tp
+    if vocab_size is None:
+        vocab_size = padded
+    if not 0 < vocab_size <= padded:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in (0, {padded}] "
+            f"(= {n_local} local columns x tensor-parallel size {tp})"
+        )
+    start = rank * n_local
+    n_tokens = max(1, math.prod(logits.shape[:-1]))
+    return _Shard(
+        start=start,
+        n_local=n_local,
+        n_valid=min(max(vocab_size - start, 0), n_local),
+        vocab_size=vocab_size,
+        chunk=min(chunk_tokens or n_tokens, n_tokens),
+        block=min(max(1, block_elements // max(n_local, 1)), chunk_tokens or n_tokens, n_tokens),
+        # fp32 accumulation for half precision; fp64 stays fp64 (gradcheck)
+        dtype=torch.promote_types(logits.dtype, torch.float32),
+    )
+
+
+def _spans(lo: int, hi: int, step: int):
+    for a in range(lo, hi, step):
+        yield a, min(a + step, hi)
 
 
 # ---------------------------------------------------------------------------
@@ -170,42 +185,61 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
 # small steps shared by the forward-only and autograd paths
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    """fp32 accumulation for half-precision input; fp64 stays fp64 (gradcheck)."""
-    return torch.promote_types(logits.dtype, torch.float32)
-
-
-def _tempered_chunk(logits2d: torch.Tensor, rows: slice, shard: _Shard, temperature: float):
-    """``[c, n_valid]`` tempered logits of one chunk in the compute dtype (fp32, or
-    fp64 for fp64 input). May alias the caller's logits (fp32/fp64 input at T = 1):
-    callers must not write into it."""
-    x = logits2d[rows, : shard.n_valid].to(_compute_dtype(logits2d))
-    return x / temperature if temperature != 1.0 else x
-
-
-def _global_max(x: torch.Tensor, group, *, with_min: bool):
-    """All-reduce-MAX of the row max (and of minus the row min, packed in the
-    same call). NaN and +inf rows come out as +inf on every rank so that all
-    ranks raise together instead of one rank leaving the others in a collective."""
-    c = x.shape[0]
-    if x.shape[1] == 0:  # this rank holds only padding columns
-        local = torch.full((c, 2 if with_min else 1), -math.inf, dtype=x.dtype, device=x.device)
+def _global_max(logits2d, lo, hi, shard, temperature, group, *, with_min=False):
+    """Tempered row max over the true vocabulary, ``[hi - lo]`` (and row min), one
+    all-reduce-MAX (the min rides along negated). NaN and +inf rows come out as
+    +inf on every rank, so all ranks raise together instead of one rank leaving
+    the others waiting in a collective."""
+    n = hi - lo
+    if shard.n_valid == 0:  # this rank holds only padding columns
+        local = torch.full((n, 2 if with_min else 1), -math.inf, dtype=shard.dtype, device=logits2d.device)
     else:
-        cols = [x.amax(dim=1)]
+        x = logits2d[lo:hi, : shard.n_valid]
+        cols = [x.amax(dim=1)]  # exact in the input dtype; no fp32 copy of the rows
         if with_min:
             cols.append(-x.amin(dim=1))
-        local = torch.stack(cols, dim=1)
+        local = torch.stack(cols, dim=1).to(shard.dtype)
         local = torch.where(torch.isnan(local), math.inf, local)
     red = all_reduce_max(local, group)
     m = red[:, 0]
     bad = ~torch.isfinite(m)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+        i = lo + int(bad.nonzero()[0])
         raise ValueError(
-            f"logits of token {i} (of the chunk) contain NaN or +inf, or are all -inf; "
-            "cannot form a distribution"
+            f"logits of token {i} contain NaN or +inf, or are all -inf; cannot form a distribution"
         )
-    return m, (-red[:, 1] if with_min else None)
+    m = m / temperature if temperature != 1.0 else m
+    mn = None
+    if with_min:
+        mn = -red[:, 1]
+        mn = mn / temperature if temperature != 1.0 else mn
+    return m, mn
+
+
+class _Blocks:
+    """Reusable block temporaries ``[block, n_valid]`` in the compute dtype."""
+
+    def __init__(self, shard: _Shard, device, n: int = 2):
+        self.bufs = [torch.empty(shard.block, shard.n_valid, dtype=shard.dtype, device=device) for _ in range(n)]
+
+    def get(self, rows: int):
+        return [b[:rows] for b in self.bufs]
+
+
+def _shifted(logits2d, a, b, shard, temperature, m_block, out):
+    """out <- x / T - m for rows [a, b): ``d``, fp32 (the caller's logits untouched)."""
+    x = logits2d[a:b, : shard.n_valid]
+    if x.dtype == out.dtype:
+        if temperature != 1.0:
+            torch.div(x, temperature, out=out).sub_(m_block.unsqueeze(1))
+        else:
+            torch.sub(x, m_block.unsqueeze(1), out=out)
+    else:  # half precision: convert first so that the arithmetic is fp32
+        out.copy_(x)
+        if temperature != 1.0:
+            out.div_(temperature)
+        out.sub_(m_block.unsqueeze(1))
+    return out
 
 
 def _target_columns(target: torch.Tensor, shard: _Shard):
@@ -216,22 +250,52 @@ def _target_columns(target: torch.Tensor, shard: _Shard):
 
 
 def _pick(d: torch.Tensor, col: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
-    """d[i, col_i] where this rank owns the target, else 0 (summed over ranks)."""
+    """d[i, col_i] where this rank owns the target, else 0 (so a SUM assembles it)."""
     if d.shape[1] == 0:
         return torch.zeros(d.shape[0], dtype=d.dtype, device=d.device)
     return torch.where(owned, d.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
 
 
-def _exp_and_dot(d: torch.Tensor):
-    """e = exp(d), S = sum e, Sd = sum e * d, per row. 0 * -inf (a -inf logit)
-    counts as 0; only rows that have one pay for the slower nansum."""
-    e = torch.exp(d)
+def _exp_sums(d: torch.Tensor, e: torch.Tensor):
+    """e <- exp(d); returns S = sum e and Sd = sum e * d per row. 0 * -inf (a -inf
+    logit) counts as 0; only rows that have one pay for the slower nansum."""
+    torch.exp(d, out=e)
     s = e.sum(dim=1)
     sd = torch.linalg.vecdot(e, d)
     nan_rows = torch.isnan(sd)
     if bool(nan_rows.any()):
         sd[nan_rows] = torch.nansum(e[nan_rows] * d[nan_rows], dim=1)
-    return e, s, sd
+    return s, sd
+
+
+def _kept_sum_exact(d: torch.Tensor, e: torch.Tensor, thr) -> torch.Tensor:
+    """sum of e over the kept set ``d >= thr`` (thr scalar or ``[rows, 1]``); overwrites e."""
+    zero = torch.zeros((), dtype=e.dtype, device=e.device)
+    return torch.where(d >= thr, e, zero, out=e).sum(dim=1)
+
+
+# Relative half-width of the band around exp(thr) where e alone cannot decide
+# membership; far above the error of exp (~1 ulp).
+_BAND = 1e-5
+
+
+def _kept_sum(d: torch.Tensor, e: torch.Tensor, thr: float) -> torch.Tensor:
+    """sum of e = exp(d) over the kept set ``d >= thr`` (scalar thr), per row.
+
+    The boolean ``d >= thr`` / ``where`` path costs about four passes on CPU;
+    ``threshold`` on e costs one. Summing ``e > c (1 + band)`` and ``e > c (1 - band)``
+    (c = exp(thr)) gives bitwise-equal rows unless some element's e lies in the
+    band; only those rows are recomputed with the exact d-space test, so the
+    result equals the exact sum up to float rounding (a band element small enough
+    to vanish in both sums changes the exact sum by less than its rounding).
+    """
+    c = math.exp(thr)
+    hi = F.threshold(e, c * (1 + _BAND), 0.0).sum(dim=1)
+    lo = F.threshold(e, c * (1 - _BAND), 0.0).sum(dim=1)
+    band = hi != lo
+    if bool(band.any()):
+        hi[band] = _kept_sum_exact(d[band], e[band], thr)
+    return hi
 
 
 def _entropy(log_s: torch.Tensor, s: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
@@ -259,7 +323,8 @@ def token_stats(
     temperature: float = 1.0,
     tp_group=None,
     vocab_size: int | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_tokens: int | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> TokenStats:
     """Log-prob, entropy and Lp-Reg proxy log-prob of ``target`` in one pass, no grad.
 
@@ -275,75 +340,80 @@ def token_stats(
         tp_group: the tensor-parallel process group the vocabulary is split over.
         vocab_size: true vocabulary size; columns at or beyond it are padding and
             ignored. Defaults to ``vocab/tp * tp``.
-        chunk_elements: fp32 elements per chunk temporary (tokens x vocab/tp).
+        chunk_tokens: tokens per collective round (None: all in one round).
+        block_elements: size of the reusable temporaries (rows x vocab/tp).
 
     Returns:
-        :class:`TokenStats` of ``[...]`` tensors (fp32; ``in_proxy`` bool).
+        :class:`TokenStats` of ``[...]`` tensors.
     """
-    _check_logits(logits, temperature, chunk_elements)
+    _check_logits(logits, temperature, chunk_tokens, block_elements)
     _check_target(logits, target)
     _validate_proxy(proxy, proxy_threshold)
-    tp_group = _effective_group(tp_group)
-    shard = _make_shard(logits, tp_group, vocab_size)
+    group = _effective_group(tp_group)
+    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements)
     _check_target_range(target, shard)
 
     lead = logits.shape[:-1]
     logits2d = logits.detach().reshape(-1, shard.n_local)
     target1d = target.reshape(-1)
-    n = target1d.numel()
-    cdt = _compute_dtype(logits)
-    out = {k: torch.empty(n, dtype=cdt, device=logits.device) for k in ("lp", "h", "px")}
-    in_proxy = torch.empty(n, dtype=torch.bool, device=logits.device)
-    step = _chunk_rows(n, shard.n_local, chunk_elements)
+    n, dev = target1d.numel(), logits.device
+    out = {k: torch.empty(n, dtype=shard.dtype, device=dev) for k in ("lp", "h", "px")}
+    in_proxy = torch.empty(n, dtype=torch.bool, device=dev)
+    blocks = _Blocks(shard, dev)
     log_thr = math.log(proxy_threshold)
+    minp_thr = log_thr / temperature  # in d-space; a Python float compares in fp32
 
-    for lo in range(0, n, step):
-        rows = slice(lo, min(lo + step, n))
-        x = _tempered_chunk(logits2d, rows, shard, temperature)
-        m, x_min = _global_max(x, tp_group, with_min=proxy == "minp_soft")
-        d = x - m.unsqueeze(1)
-        col, owned = _target_columns(target1d[rows], shard)
-        d_y = _pick(d, col, owned)
-        e, s, sd = _exp_and_dot(d)
+    for lo, hi in _spans(0, n, shard.chunk):
+        m, x_min = _global_max(logits2d, lo, hi, shard, temperature, group, with_min=proxy == "minp_soft")
+        col, owned = _target_columns(target1d[lo:hi], shard)
+        # per token: S, Sd, d_y, then S_K (minp*), |K| (minp_soft) or S_raw (fixed, T != 1)
+        n_cols = 3 + (proxy != "fixed") + (proxy == "minp_soft") + (proxy == "fixed" and temperature != 1.0)
+        part = torch.zeros(hi - lo, n_cols, dtype=shard.dtype, device=dev)
+        for a, b in _spans(lo, hi, shard.block):
+            r = slice(a - lo, b - lo)
+            d, e = blocks.get(b - a)
+            _shifted(logits2d, a, b, shard, temperature, m[r], d)
+            part[r, 2] = _pick(d, col[r], owned[r])
+            part[r, 0], part[r, 1] = _exp_sums(d, e)
+            if proxy == "fixed":
+                if temperature != 1.0:  # untempered normaliser for the absolute threshold
+                    part[r, 3] = torch.exp(d * temperature).sum(dim=1)
+            else:
+                if proxy == "minp_soft":
+                    part[r, 4] = (d >= minp_thr).sum(dim=1)
+                part[r, 3] = _kept_sum(d, e, minp_thr)
+        s, sd, d_y, *rest = all_reduce_sum(part, group).unbind(1)
 
-        s_k = None
-        if proxy != "fixed":  # the kept set is known from the max alone
-            keep = d >= log_thr / temperature
-            s_k = torch.where(keep, e, 0.0).sum(dim=1)
-        cols = [s, sd, d_y]
-        if proxy == "fixed" and temperature != 1.0:
-            cols.append(torch.exp(d * temperature).sum(dim=1))  # untempered normaliser
-        if s_k is not None:
-            cols.append(s_k)
-        if proxy == "minp_soft":
-            cols.append(keep.sum(dim=1, dtype=d.dtype))
-        red = all_reduce_sum(torch.stack(cols, dim=1), tp_group).unbind(1)
-        s, sd, d_y = red[:3]
         if proxy == "fixed":
-            # tau is absolute: the threshold needs the untempered normaliser first.
-            s_raw = red[3] if temperature != 1.0 else s
-            thr = (torch.log(s_raw) + log_thr) / temperature
-            s_k = torch.where(d >= thr.unsqueeze(1), e, 0.0).sum(dim=1)
-            s_k = all_reduce_sum(s_k, tp_group)
+            s_raw = rest[0] if temperature != 1.0 else s
+            thr = (torch.log(s_raw) + log_thr) / temperature  # [c]
+            s_k = torch.zeros(hi - lo, dtype=shard.dtype, device=dev)
+            for a, b in _spans(lo, hi, shard.block):
+                r = slice(a - lo, b - lo)
+                d, e = blocks.get(b - a)
+                _shifted(logits2d, a, b, shard, temperature, m[r], d)
+                torch.exp(d, out=e)
+                s_k[r] = _kept_sum_exact(d, e, thr[r].unsqueeze(1))
+            s_k = all_reduce_sum(s_k, group)
         else:
-            thr = torch.full_like(s, log_thr / temperature)
-            s_k = red[3]
+            thr = torch.full_like(s, minp_thr)
+            s_k = rest[0]
         # d_y is global after the SUM, so membership needs no extra collective.
         kept_y = d_y >= thr
 
         log_s = torch.log(s)
         logprob = d_y - log_s
-        out["lp"][rows] = logprob
-        out["h"][rows] = _entropy(log_s, s, sd)
+        out["lp"][lo:hi] = logprob
+        out["h"][lo:hi] = _entropy(log_s, s, sd)
         if proxy == "minp_soft":
             d_min = x_min - m
-            n_out = shard.vocab_size - red[4]
+            n_out = shard.vocab_size - rest[1]
             log_s_soft = torch.log(s_k + n_out * torch.exp(d_min))
-            out["px"][rows] = torch.where(kept_y, d_y, d_min) - log_s_soft
+            out["px"][lo:hi] = torch.where(kept_y, d_y, d_min) - log_s_soft
         else:
             sentinel = torch.clamp(logprob, max=PROXY_SENTINEL)
-            out["px"][rows] = torch.where(kept_y, d_y - torch.log(s_k), sentinel)
-        in_proxy[rows] = kept_y
+            out["px"][lo:hi] = torch.where(kept_y, d_y - torch.log(s_k), sentinel)
+        in_proxy[lo:hi] = kept_y
 
     return TokenStats(
         logprob=out["lp"].reshape(lead),
@@ -358,74 +428,76 @@ def token_stats(
 
 
 class _VocabParallelLogProb(torch.autograd.Function):
-    """Chunked log pi(y) (and H) with grad w.r.t. the logits shard.
+    """Blocked log pi(y) (and H) with grad w.r.t. the logits shard.
 
-    Saves only the logits reference and per-token m, log S, H: extra memory is one
-    chunk of fp32 temporaries in both directions.
+    Saves the logits reference and per-token m, log S, H only: extra memory is a
+    few block temporaries in both directions.
     """
 
     @staticmethod
-    def forward(ctx, logits2d, target1d, temperature, group, shard, step, with_entropy):
-        n = target1d.numel()
-        dev = logits2d.device
-        m_all = torch.empty(n, dtype=_compute_dtype(logits2d), device=dev)
+    def forward(ctx, logits2d, target1d, temperature, group, shard, with_entropy):
+        n, dev = target1d.numel(), logits2d.device
+        m_all = torch.empty(n, dtype=shard.dtype, device=dev)
         log_s_all = torch.empty_like(m_all)
         logprob = torch.empty_like(m_all)
         entropy = torch.empty_like(m_all) if with_entropy else None
-        for lo in range(0, n, step):
-            rows = slice(lo, min(lo + step, n))
-            x = _tempered_chunk(logits2d, rows, shard, temperature)
-            m, _ = _global_max(x, group, with_min=False)
-            d = x - m.unsqueeze(1)
-            col, owned = _target_columns(target1d[rows], shard)
-            cols = [_pick(d, col, owned)]
+        blocks = _Blocks(shard, dev)
+        for lo, hi in _spans(0, n, shard.chunk):
+            m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
+            col, owned = _target_columns(target1d[lo:hi], shard)
+            part = torch.zeros(hi - lo, 3, dtype=shard.dtype, device=dev)  # d_y, S, Sd
+            for a, b in _spans(lo, hi, shard.block):
+                r = slice(a - lo, b - lo)
+                d, e = blocks.get(b - a)
+                _shifted(logits2d, a, b, shard, temperature, m[r], d)
+                part[r, 0] = _pick(d, col[r], owned[r])
+                if with_entropy:
+                    part[r, 1], part[r, 2] = _exp_sums(d, e)
+                else:
+                    part[r, 1] = torch.exp(d, out=e).sum(dim=1)
+            d_y, s, sd = all_reduce_sum(part, group).unbind(1)
+            log_s = torch.log(s)
+            m_all[lo:hi], log_s_all[lo:hi] = m, log_s
+            logprob[lo:hi] = d_y - log_s
             if with_entropy:
-                _, s, sd = _exp_and_dot(d)
-                cols += [s, sd]
-            else:
-                cols.append(torch.exp(d).sum(dim=1))
-            red = all_reduce_sum(torch.stack(cols, dim=1), group)
-            log_s = torch.log(red[:, 1])
-            m_all[rows], log_s_all[rows] = m, log_s
-            logprob[rows] = red[:, 0] - log_s
-            if with_entropy:
-                entropy[rows] = _entropy(log_s, red[:, 1], red[:, 2])
+                entropy[lo:hi] = _entropy(log_s, s, sd)
         ctx.save_for_backward(logits2d, target1d, m_all, log_s_all, entropy)
-        ctx.cfg = (temperature, shard, step, with_entropy)
+        ctx.cfg = (temperature, shard, with_entropy)
         # autograd.Function outputs must be tensors: an empty one stands for "no entropy".
         return logprob, entropy if with_entropy else torch.zeros(0, device=dev)
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
         logits2d, target1d, m_all, log_s_all, entropy = ctx.saved_tensors
-        temperature, shard, step, with_entropy = ctx.cfg
+        temperature, shard, with_entropy = ctx.cfg
         n = target1d.numel()
-        grad = torch.zeros_like(logits2d)
         use_h = with_entropy and g_h is not None and g_h.numel() == n
         if g_lp is None:
-            g_lp = torch.zeros(n, dtype=m_all.dtype, device=logits2d.device)
-        for lo in range(0, n, step):
-            rows = slice(lo, min(lo + step, n))
-            x = _tempered_chunk(logits2d, rows, shard, temperature)
-            # (x - m) - log S, not x - (m + log S): x - m is exact and keeps
-            # p accurate to fp32 rounding of log S alone.
-            logp = (x - m_all[rows].unsqueeze(1)).sub_(log_s_all[rows].unsqueeze(1))
+            g_lp = torch.zeros(n, dtype=shard.dtype, device=logits2d.device)
+        grad = torch.zeros_like(logits2d)  # padded columns keep zero gradient
+        blocks = _Blocks(shard, logits2d.device)
+        col, owned = _target_columns(target1d, shard)
+        for a, b in _spans(0, n, shard.block):
+            logp, p = blocks.get(b - a)
+            # (x - m) - log S, not x - (m + log S): x - m is exact, so p carries
+            # only the rounding of log S.
+            _shifted(logits2d, a, b, shard, temperature, m_all[a:b], logp).sub_(log_s_all[a:b].unsqueeze(1))
             if use_h:  # a -inf logit would give 0 * -inf in dH/dx; its true term is 0
                 logp.clamp_(min=torch.finfo(logp.dtype).min)
-            p = torch.exp(logp)
-            g = g_lp[rows].to(x.dtype).unsqueeze(1)
-            gx = p.mul_(-g) if not use_h else p * (-g)
+            torch.exp(logp, out=p)
+            g = g_lp[a:b].to(shard.dtype).unsqueeze(1)
+            if use_h:  # dH/dx_v = -p_v (log p_v + H); logp becomes that term times g_h
+                logp.add_(entropy[a:b].unsqueeze(1)).mul_(p).mul_(g_h[a:b].to(shard.dtype).unsqueeze(1))
+            gx = p.mul_(-g)
             if use_h:
-                # dH/dx_v = -p_v (log p_v + H)
-                logp.add_(entropy[rows].unsqueeze(1)).mul_(p).mul_(g_h[rows].to(x.dtype).unsqueeze(1))
                 gx.sub_(logp)
-            col, owned = _target_columns(target1d[rows], shard)
             if gx.shape[1] > 0:
-                gx.scatter_add_(1, col.unsqueeze(1), torch.where(owned, g.squeeze(1), 0.0).unsqueeze(1))
+                hit = torch.where(owned[a:b], g.squeeze(1), 0.0).unsqueeze(1)
+                gx.scatter_add_(1, col[a:b].unsqueeze(1), hit)
             if temperature != 1.0:
                 gx.div_(temperature)
-            grad[rows, : shard.n_valid] = gx
-        return grad, None, None, None, None, None, None
+            grad[a:b, : shard.n_valid] = gx
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_logprob(
@@ -436,32 +508,31 @@ def vocab_parallel_logprob(
     tp_group=None,
     vocab_size: int | None = None,
     with_entropy: bool = False,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_tokens: int | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ):
     """Differentiable ``log pi(target)`` (and entropy) from a vocab-parallel logits shard.
 
     Args:
         logits: ``[..., vocab/tp]`` fp32|bf16|fp16 with grad; never modified.
-            Arithmetic is fp32 per chunk; the gradient has the logits' dtype.
+            Arithmetic is fp32 per block; the gradient has the logits' dtype.
         target: ``[...]`` int64 global token ids in ``[0, vocab_size)``.
-        temperature, tp_group, vocab_size, chunk_elements: as :func:`token_stats`.
         with_entropy: also return the (differentiable) entropy.
+        temperature, tp_group, vocab_size, chunk_tokens, block_elements: as
+            :func:`token_stats`.
 
     Returns:
         ``logprob [...]`` fp32, or ``(logprob, entropy)`` when ``with_entropy``.
         Padded columns receive zero gradient.
     """
-    _check_logits(logits, temperature, chunk_elements)
+    _check_logits(logits, temperature, chunk_tokens, block_elements)
     _check_target(logits, target)
-    tp_group = _effective_group(tp_group)
-    shard = _make_shard(logits, tp_group, vocab_size)
+    group = _effective_group(tp_group)
+    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements)
     _check_target_range(target, shard)
     lead = logits.shape[:-1]
-    logits2d = logits.reshape(-1, shard.n_local)
-    target1d = target.reshape(-1)
-    step = _chunk_rows(target1d.numel(), shard.n_local, chunk_elements)
     logprob, entropy = _VocabParallelLogProb.apply(
-        logits2d, target1d, float(temperature), tp_group, shard, step, with_entropy
+        logits.reshape(-1, shard.n_local), target.reshape(-1), float(temperature), group, shard, with_entropy
     )
     if with_entropy:
         return logprob.reshape(lead), entropy.reshape(lead)
@@ -474,40 +545,40 @@ def vocab_parallel_logprob(
 
 class _MinpProxyKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2d, temperature, log_kappa, group, shard, step):
-        n = logits2d.shape[0]
-        cdt = _compute_dtype(logits2d)
-        kl = torch.empty(n, dtype=cdt, device=logits2d.device)
-        saved = torch.empty(n, 3, dtype=cdt, device=logits2d.device)  # m, log S, log S_K
+    def forward(ctx, logits2d, temperature, log_kappa, group, shard):
+        n, dev = logits2d.shape[0], logits2d.device
         thr = log_kappa / temperature
-        for lo in range(0, n, step):
-            rows = slice(lo, min(lo + step, n))
-            x = _tempered_chunk(logits2d, rows, shard, temperature)
-            m, _ = _global_max(x, group, with_min=False)
-            d = x - m.unsqueeze(1)
-            e = torch.exp(d)
-            sums = torch.stack([e.sum(dim=1), torch.where(d >= thr, e, 0.0).sum(dim=1)], dim=1)
-            logs = torch.log(all_reduce_sum(sums, group))
-            kl[rows] = logs[:, 0] - logs[:, 1]
-            saved[rows] = torch.cat([m.unsqueeze(1), logs], dim=1)
+        saved = torch.empty(n, 3, dtype=shard.dtype, device=dev)  # m, log S, log S_K
+        blocks = _Blocks(shard, dev)
+        for lo, hi in _spans(0, n, shard.chunk):
+            m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
+            sums = torch.zeros(hi - lo, 2, dtype=shard.dtype, device=dev)
+            for a, b in _spans(lo, hi, shard.block):
+                r = slice(a - lo, b - lo)
+                d, e = blocks.get(b - a)
+                _shifted(logits2d, a, b, shard, temperature, m[r], d)
+                sums[r, 0] = torch.exp(d, out=e).sum(dim=1)
+                sums[r, 1] = _kept_sum(d, e, thr)
+            saved[lo:hi, 0] = m
+            saved[lo:hi, 1:] = torch.log(all_reduce_sum(sums, group))
         ctx.save_for_backward(logits2d, saved)
-        ctx.cfg = (temperature, thr, shard, step)
-        return kl
+        ctx.cfg = (temperature, thr, shard)
+        return saved[:, 1] - saved[:, 2]
 
     @staticmethod
     def backward(ctx, g):
         logits2d, saved = ctx.saved_tensors
-        temperature, thr, shard, step = ctx.cfg
+        temperature, thr, shard = ctx.cfg
         grad = torch.zeros_like(logits2d)
-        for lo in range(0, logits2d.shape[0], step):
-            rows = slice(lo, min(lo + step, logits2d.shape[0]))
-            x = _tempered_chunk(logits2d, rows, shard, temperature)
-            m, log_s, log_sk = saved[rows].unbind(1)
-            d = x - m.unsqueeze(1)
-            p = torch.exp(d - log_s.unsqueeze(1))
+        blocks = _Blocks(shard, logits2d.device)
+        for a, b in _spans(0, logits2d.shape[0], shard.block):
+            d, p = blocks.get(b - a)
+            m, log_s, log_sk = saved[a:b].unbind(1)
+            _shifted(logits2d, a, b, shard, temperature, m, d)
+            torch.exp(d - log_s.unsqueeze(1), out=p)
             q = torch.where(d >= thr, torch.exp(d - log_sk.unsqueeze(1)), 0.0)
-            grad[rows, : shard.n_valid] = (p - q).mul_(g[rows].to(x.dtype).unsqueeze(1) / temperature)
-        return grad, None, None, None, None, None
+            grad[a:b, : shard.n_valid] = p.sub_(q).mul_(g[a:b].to(shard.dtype).unsqueeze(1) / temperature)
+        return grad, None, None, None, None
 
 
 def minp_proxy_kl(
@@ -517,7 +588,8 @@ def minp_proxy_kl(
     temperature: float = 1.0,
     tp_group=None,
     vocab_size: int | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_tokens: int | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Exact ``KL(pi_proxy || pi)`` over the whole vocabulary, per token, with grad.
 
@@ -537,11 +609,9 @@ def minp_proxy_kl(
     Returns:
         ``[...]`` fp32, >= 0.
     """
-    _check_logits(logits, temperature, chunk_elements)
+    _check_logits(logits, temperature, chunk_tokens, block_elements)
     _validate_proxy("minp", kappa)
-    tp_group = _effective_group(tp_group)
-    shard = _make_shard(logits, tp_group, vocab_size)
-    logits2d = logits.reshape(-1, shard.n_local)
-    step = _chunk_rows(logits2d.shape[0], shard.n_local, chunk_elements)
-    kl = _MinpProxyKL.apply(logits2d, float(temperature), math.log(kappa), tp_group, shard, step)
+    group = _effective_group(tp_group)
+    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements)
+    kl = _MinpProxyKL.apply(logits.reshape(-1, shard.n_local), float(temperature), math.log(kappa), group, shard)
     return kl.reshape(logits.shape[:-1])

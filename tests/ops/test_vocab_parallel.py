@@ -19,7 +19,8 @@ from tests.ops.dense_reference import dense_stats, logit_space_keep
 
 PADDED = 1024  # divisible by 1, 2 and 4
 FP32 = dict(rtol=1e-6, atol=1e-6)
-CHUNK = 4096  # small chunks so every case runs several chunks at TP=1
+# several collective rounds and several blocks per round in every case
+CHUNK_TOKENS, BLOCK_ELEMENTS = 20, 3000
 
 
 def _cases() -> dict[str, dict]:
@@ -76,7 +77,7 @@ def _run_case(c, rank, tp, group, dtype=torch.float32):
     width = PADDED // tp
     shard = c["logits"][:, rank * width : (rank + 1) * width].to(dtype).contiguous()
     before = shard.clone()
-    kw = dict(temperature=c["temp"], tp_group=group, vocab_size=c["vocab"], chunk_elements=CHUNK)
+    kw = dict(temperature=c["temp"], tp_group=group, vocab_size=c["vocab"], chunk_tokens=CHUNK_TOKENS, block_elements=BLOCK_ELEMENTS)
     st = vp.token_stats(shard, c["target"], proxy=c["proxy"], proxy_threshold=c["thr"], **kw)
 
     leaf = shard.clone().requires_grad_(True)
@@ -121,7 +122,7 @@ def _rank_all_cases(dtype_name="float32"):
         calls.clear()
         shard = c["logits"][:, rank * (PADDED // tp) : (rank + 1) * (PADDED // tp)].contiguous()
         vp.token_stats(shard, c["target"], proxy=c["proxy"], proxy_threshold=c["thr"],
-                       temperature=c["temp"], tp_group=group, vocab_size=c["vocab"], chunk_elements=CHUNK)
+                       temperature=c["temp"], tp_group=group, vocab_size=c["vocab"], chunk_tokens=CHUNK_TOKENS, block_elements=BLOCK_ELEMENTS)
         collectives[name] = list(calls)
     return results, collectives
 
@@ -235,7 +236,7 @@ def test_collectives_per_chunk(tp_run, name):
     if tp == 1:
         assert calls == []  # the TP=1 group is skipped entirely
         return
-    n_chunks = math.ceil(len(c["target"]) / max(1, CHUNK // (PADDED // tp)))
+    n_chunks = math.ceil(len(c["target"]) / CHUNK_TOKENS)
     per_chunk = ["MAX", "SUM"] + (["SUM"] if c["proxy"] == "fixed" else [])
     assert [op for op, _ in calls] == per_chunk * n_chunks
     # what crosses the wire is a few numbers per token, never a vocabulary row
@@ -265,7 +266,7 @@ def test_gradcheck_float64():
     t = torch.randint(0, 37, (6,), generator=g)
 
     def f(z):
-        return vp.vocab_parallel_logprob(z, t, with_entropy=True, temperature=0.8, vocab_size=37, chunk_elements=80)
+        return vp.vocab_parallel_logprob(z, t, with_entropy=True, temperature=0.8, vocab_size=37, chunk_tokens=4, block_elements=80)
 
     assert torch.autograd.gradcheck(f, (z,))
     assert torch.autograd.gradcheck(lambda z: vp.minp_proxy_kl(z, kappa=0.3, temperature=0.9), (z,))
@@ -328,3 +329,21 @@ def _nan_on_one_rank():
 def test_nan_on_one_rank_raises_on_every_rank():
     msgs = run_ranks(_nan_on_one_rank, Layout(tp=2), timeout=120)
     assert all(m is not None and "NaN" in m for m in msgs)
+
+
+def test_fast_kept_sum_equals_exact_sum_with_values_planted_at_the_threshold():
+    """The threshold-on-exp shortcut must agree with the exact d >= thr test,
+    including elements one fp32 step either side of the threshold."""
+    g = torch.Generator().manual_seed(11)
+    thr = torch.tensor(math.log(0.02), dtype=torch.float32)
+    d = (-torch.rand(1, 500, generator=g) * 10).repeat(63, 1)  # identical rows...
+    d[:, 0] = 0.0
+    up, down = torch.nextafter(thr, torch.tensor(0.0)), torch.nextafter(thr, torch.tensor(-math.inf))
+    d[::3, 5], d[1::3, 5], d[2::3, 5] = thr, up, down
+    e = torch.exp(d)
+    fast = vp._kept_sum(d, e.clone(), float(thr))
+    exact = vp._kept_sum_exact(d, e.clone(), float(thr))
+    torch.testing.assert_close(fast, exact, rtol=1e-6, atol=0)
+    # ...but for the planted value, which is kept at and above the threshold only
+    torch.testing.assert_close(fast[::3] - fast[2::3], e[::3, 5], rtol=1e-4, atol=0)
+    torch.testing.assert_close(fast[1::3] - fast[2::3], e[1::3, 5], rtol=1e-4, atol=0)
