@@ -8,12 +8,15 @@ CPU, NCCL on GPU), for each token count:
                 renormalise, log_softmax over the whole row (TP=1 only: it needs
                 the whole row, i.e. an all-gather at TP>1)
   (c) megatron: megatron-core's vocab_parallel_cross_entropy alone
-  (a_bwd/c_bwd) the update pass: our autograd log-prob + entropy vs megatron CE,
-                forward and backward
+  (ours_bwd / megatron_bwd) the update pass: our autograd log-prob vs megatron's
+                CE, forward and backward (both end holding a logits-sized gradient)
 
-Every measurement runs in fresh processes (one per rank), so peak memory is
-clean: "peak extra" is the rise of the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs) over its RSS with the inputs already allocated; on GPU,
+Each (tokens, TP) point runs in fresh processes (one per rank) that call every
+method in turn, repeatedly, so machine noise hits all methods alike; times are
+medians. "peak extra" is the rise of the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) over its RSS with the inputs allocated (glibc maps large
+allocations on their own and unmaps them on free, so one call's peak is its own;
+a few MiB of small temporaries may reuse heap pages and go uncounted); on GPU,
 torch.cuda.max_memory_allocated above the inputs. Prints one JSON document.
 
     python bench/vocab_parallel.py                       # defaults below
@@ -101,9 +104,8 @@ def _run_once(kind, logits, target, victim, leaf, group):
     elif kind == "megatron":
         with torch.no_grad():
             vocab_parallel_cross_entropy(victim, target)
-    elif kind == "ours_bwd":
-        lp, h = vocab_parallel_logprob(leaf, target, with_entropy=True, tp_group=group)
-        (lp.sum() + h.sum()).backward()
+    elif kind == "ours_bwd":  # log-prob only: the same job as megatron's CE
+        vocab_parallel_logprob(leaf, target, tp_group=group).sum().backward()
     elif kind == "megatron_bwd":
         victim.requires_grad_(True)
         vocab_parallel_cross_entropy(victim, target).sum().backward()
@@ -111,8 +113,10 @@ def _run_once(kind, logits, target, victim, leaf, group):
         raise ValueError(kind)
 
 
-def _measure(kind: str, n_tokens: int, vocab: int, dtype_name: str, repeats: int):
-    """Runs on every rank of the TP group: time and peak extra memory of one method."""
+def _measure(kinds: list[str], n_tokens: int, vocab: int, dtype_name: str, repeats: int):
+    """Runs on every rank of the TP group: for each repetition, every method once,
+    interleaved, so that machine noise hits all methods alike. Returns per method
+    the median time and the max peak extra memory (the slowest / largest rank)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -125,39 +129,45 @@ def _measure(kind: str, n_tokens: int, vocab: int, dtype_name: str, repeats: int
     logits = (torch.randn(n_tokens, local_v, generator=g, device=dev) * 3).to(dtype)
     target = torch.randint(0, vocab, (n_tokens,), generator=torch.Generator(device=dev).manual_seed(5), device=dev)
     peak = _Peak(dev)
-    times, extras = [], []
+    times = {k: [] for k in kinds}
+    extras = {k: [] for k in kinds}
 
-    for it in range(repeats + 1):  # the first run warms up and is not timed
-        # megatron's CE writes into its input; give it a fresh copy each time,
-        # made before the memory baseline (in training the logits are its own).
-        victim = logits.clone() if kind.startswith("megatron") else None
-        leaf = logits.detach().clone().requires_grad_(True) if kind.endswith("bwd") else None
-        if dist.is_initialized():
-            dist.barrier(group=group)
-        peak.reset()
-        t0 = time.perf_counter()
-        _run_once(kind, logits, target, victim, leaf, group)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        extra = peak.extra()
-        del victim, leaf
-        if it:
-            times.append(dt)
-            extras.append(extra)
-    stats = torch.tensor([statistics.median(times), float(max(extras))], dtype=torch.float64, device=dev)
-    if dist.is_initialized() and tp > 1:
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)  # the slowest / largest rank
-    bytes_in = logits.numel() * logits.element_size()
-    return dict(seconds=stats[0].item(), peak_extra_bytes=int(stats[1].item()), logits_bytes_per_rank=bytes_in)
+    for it in range(repeats + 1):  # the first round warms up and is not recorded
+        for kind in kinds:
+            # megatron's CE writes into its input; give it a fresh copy each time,
+            # made before the memory baseline (in training the logits are its own).
+            victim = logits.clone() if kind.startswith("megatron") else None
+            leaf = logits.detach().clone().requires_grad_(True) if kind.endswith("bwd") else None
+            if dist.is_initialized():
+                dist.barrier(group=group)
+            peak.reset()
+            t0 = time.perf_counter()
+            _run_once(kind, logits, target, victim, leaf, group)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            extra = peak.extra()
+            del victim, leaf
+            if it:
+                times[kind].append(dt)
+                extras[kind].append(extra)
+    out = {}
+    for kind in kinds:
+        stats = torch.tensor([statistics.median(times[kind]), float(max(extras[kind]))], dtype=torch.float64, device=dev)
+        if dist.is_initialized() and tp > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+        out[kind] = dict(seconds=stats[0].item(), peak_extra_bytes=int(stats[1].item()),
+                         logits_bytes_per_rank=logits.numel() * logits.element_size())
+    return out
 
 
-def _point(kind, n_tokens, tp, args):
-    res = run_ranks(_measure, Layout(tp=tp), kind, n_tokens, args.vocab, args.dtype, args.repeats,
-                    timeout=1800)[0]
-    res.update(kind=kind, tokens=n_tokens, tp=tp)
-    print(f"  {kind:13s} tokens={n_tokens:6d} tp={tp}  {res['seconds']:.3f}s  "
-          f"peak extra {res['peak_extra_bytes'] / 2**20:8.1f} MiB", file=sys.stderr)
+def _point(kinds, n_tokens, tp, args):
+    res = run_ranks(_measure, Layout(tp=tp), kinds, n_tokens, args.vocab, args.dtype, args.repeats,
+                    timeout=3600)[0]
+    for kind, r in res.items():
+        r.update(kind=kind, tokens=n_tokens, tp=tp)
+        print(f"  {kind:13s} tokens={n_tokens:6d} tp={tp}  {r['seconds']:.3f}s  "
+              f"peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB", file=sys.stderr)
     return res
 
 
@@ -177,10 +187,11 @@ def main(argv=None):
     rows = []
     for tp in [int(t) for t in args.tp.split(",")]:
         for n in [int(t) for t in args.tokens.split(",")]:
-            point = {k: _point(k, n, tp, args) for k in ("ours", "megatron", "ours_bwd", "megatron_bwd")}
+            kinds = ["ours", "megatron", "ours_bwd", "megatron_bwd"]
             naive_gib = 5 * n * args.vocab * 4 / 2**30
             if tp == 1 and naive_gib <= args.naive_max_gib:
-                point["naive"] = _point("naive", n, tp, args)
+                kinds.append("naive")
+            point = _point(kinds, n, tp, args)
             a, c = point["ours"], point["megatron"]
             row = dict(
                 tokens=n,

@@ -35,6 +35,8 @@ def _build_gpt():
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
     )
     return GPTModel(
         cfg,
@@ -43,7 +45,17 @@ def _build_gpt():
         max_sequence_length=SEQ,
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
     )
+
+
+def _global_name(model, name: str) -> str:
+    """Parameter name in the single-stage model: local layer i -> its global number."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
 
 
 def _batch():
@@ -68,7 +80,7 @@ def _loss_and_grads(full_weights: dict | None):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 part = tp_partition(p)
-                w = full_weights[name]
+                w = full_weights[_global_name(model, name)]
                 p.copy_(w if part is None else shard_of(w, rank, tp, *part))
 
     tokens, labels = _batch()
@@ -139,3 +151,52 @@ def test_shim_is_a_no_op_when_cuda_is_available(monkeypatch):
     assert platform.install_cpu_shims() is False
     assert torch.cuda.current_device is before
     assert platform.default_backend() == "nccl"
+
+
+def _pipeline_loss_and_grads(full_weights: dict):
+    """PP=2 through megatron's own pipeline schedule (p2p send/recv on gloo)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    model = _build_gpt()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(full_weights[_global_name(model, name)])
+    tokens, labels = _batch()
+    pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+
+    def forward_step(data_iterator, model):
+        out = model(tokens, pos, None, labels=labels)
+
+        def loss_func(per_token):
+            loss = per_token.mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=SEQ,
+        micro_batch_size=BATCH,
+        forward_only=False,
+    )
+    grads = {_global_name(model, n): p.grad.detach().clone() for n, p in model.named_parameters()}
+    loss = losses[0]["loss"].item() if ps.is_pipeline_last_stage() else None
+    return loss, grads
+
+
+def test_pp2_schedule_matches_single_stage(tp1):
+    loss1, weights1, grads1 = tp1
+    first, last = run_ranks(_pipeline_loss_and_grads, Layout(pp=2), weights1)
+    assert first[0] is None and last[0] == pytest.approx(loss1, abs=1e-5)
+    stage_grads = {**first[1], **last[1]}
+    assert stage_grads.keys() == grads1.keys()
+    assert first[1].keys().isdisjoint(last[1].keys())  # each stage owns its own layers
+    for name, g in stage_grads.items():
+        torch.testing.assert_close(g, grads1[name], rtol=1e-5, atol=1e-5, msg=name)

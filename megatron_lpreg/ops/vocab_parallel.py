@@ -37,6 +37,7 @@ temporaries this module allocated.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -256,15 +257,27 @@ def _pick(d: torch.Tensor, col: torch.Tensor, owned: torch.Tensor) -> torch.Tens
     return torch.where(owned, d.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
 
 
-def _exp_sums(d: torch.Tensor, e: torch.Tensor):
-    """e <- exp(d); returns S = sum e and Sd = sum e * d per row. 0 * -inf (a -inf
-    logit) counts as 0; only rows that have one pay for the slower nansum."""
+def _redo_d(logits2d, a, b, shard, temperature, m_block, rows: torch.Tensor) -> torch.Tensor:
+    """d = x / T - m afresh for the selected rows of block [a, b) (rare fallbacks,
+    after the block temporaries were overwritten in place)."""
+    idx = rows.nonzero().squeeze(1)
+    x = logits2d[a:b, : shard.n_valid][idx].to(shard.dtype)
+    if temperature != 1.0:
+        x = x / temperature
+    return x - m_block[idx].unsqueeze(1)
+
+
+def _exp_sums(d: torch.Tensor, e: torch.Tensor, redo):
+    """e <- exp(d); returns S = sum e and Sd = sum e * d per row. Overwrites d
+    (with e * d: no temporary). 0 * -inf (a -inf logit) counts as 0; only rows
+    that have one are recomputed, through ``redo(rows) -> d[rows]``."""
     torch.exp(d, out=e)
     s = e.sum(dim=1)
-    sd = torch.linalg.vecdot(e, d)
+    sd = d.mul_(e).sum(dim=1)
     nan_rows = torch.isnan(sd)
     if bool(nan_rows.any()):
-        sd[nan_rows] = torch.nansum(e[nan_rows] * d[nan_rows], dim=1)
+        dd = redo(nan_rows)
+        sd[nan_rows] = torch.nansum(torch.exp(dd) * dd, dim=1)
     return s, sd
 
 
@@ -279,22 +292,24 @@ def _kept_sum_exact(d: torch.Tensor, e: torch.Tensor, thr) -> torch.Tensor:
 _BAND = 1e-5
 
 
-def _kept_sum(d: torch.Tensor, e: torch.Tensor, thr: float) -> torch.Tensor:
-    """sum of e = exp(d) over the kept set ``d >= thr`` (scalar thr), per row.
+def _kept_sum(e: torch.Tensor, thr: float, redo) -> torch.Tensor:
+    """sum of e = exp(d) over the kept set ``d >= thr`` (scalar thr), per row; overwrites e.
 
     The boolean ``d >= thr`` / ``where`` path costs about four passes on CPU;
-    ``threshold`` on e costs one. Summing ``e > c (1 + band)`` and ``e > c (1 - band)``
-    (c = exp(thr)) gives bitwise-equal rows unless some element's e lies in the
-    band; only those rows are recomputed with the exact d-space test, so the
-    result equals the exact sum up to float rounding (a band element small enough
-    to vanish in both sums changes the exact sum by less than its rounding).
+    an in-place ``threshold`` on e costs one. Summing ``e > c (1 - band)`` and then
+    ``e > c (1 + band)`` (c = exp(thr)) gives bitwise-equal rows unless some
+    element's e lies in the band; only those rows are recomputed with the exact
+    d-space test (``redo(rows) -> d[rows]``), so the result equals the exact sum up
+    to float rounding (a band element small enough to vanish in both sums changes
+    the exact sum by less than its rounding).
     """
     c = math.exp(thr)
-    hi = F.threshold(e, c * (1 + _BAND), 0.0).sum(dim=1)
-    lo = F.threshold(e, c * (1 - _BAND), 0.0).sum(dim=1)
+    lo = F.threshold_(e, c * (1 - _BAND), 0.0).sum(dim=1)
+    hi = F.threshold_(e, c * (1 + _BAND), 0.0).sum(dim=1)
     band = hi != lo
     if bool(band.any()):
-        hi[band] = _kept_sum_exact(d[band], e[band], thr)
+        dd = redo(band)
+        hi[band] = _kept_sum_exact(dd, torch.exp(dd), thr)
     return hi
 
 
@@ -373,15 +388,15 @@ def token_stats(
             r = slice(a - lo, b - lo)
             d, e = blocks.get(b - a)
             _shifted(logits2d, a, b, shard, temperature, m[r], d)
+            redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
             part[r, 2] = _pick(d, col[r], owned[r])
-            part[r, 0], part[r, 1] = _exp_sums(d, e)
-            if proxy == "fixed":
-                if temperature != 1.0:  # untempered normaliser for the absolute threshold
-                    part[r, 3] = torch.exp(d * temperature).sum(dim=1)
-            else:
-                if proxy == "minp_soft":
-                    part[r, 4] = (d >= minp_thr).sum(dim=1)
-                part[r, 3] = _kept_sum(d, e, minp_thr)
+            if proxy == "fixed" and temperature != 1.0:  # untempered normaliser, absolute threshold
+                part[r, 3] = torch.exp(d * temperature).sum(dim=1)
+            if proxy == "minp_soft":
+                part[r, 4] = (d >= minp_thr).sum(dim=1)
+            part[r, 0], part[r, 1] = _exp_sums(d, e, redo)  # d is spent from here
+            if proxy != "fixed":
+                part[r, 3] = _kept_sum(e, minp_thr, redo)
         s, sd, d_y, *rest = all_reduce_sum(part, group).unbind(1)
 
         if proxy == "fixed":
@@ -452,7 +467,8 @@ class _VocabParallelLogProb(torch.autograd.Function):
                 _shifted(logits2d, a, b, shard, temperature, m[r], d)
                 part[r, 0] = _pick(d, col[r], owned[r])
                 if with_entropy:
-                    part[r, 1], part[r, 2] = _exp_sums(d, e)
+                    redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
+                    part[r, 1], part[r, 2] = _exp_sums(d, e, redo)
                 else:
                     part[r, 1] = torch.exp(d, out=e).sum(dim=1)
             d_y, s, sd = all_reduce_sum(part, group).unbind(1)
@@ -482,15 +498,20 @@ class _VocabParallelLogProb(torch.autograd.Function):
             # (x - m) - log S, not x - (m + log S): x - m is exact, so p carries
             # only the rounding of log S.
             _shifted(logits2d, a, b, shard, temperature, m_all[a:b], logp).sub_(log_s_all[a:b].unsqueeze(1))
-            if use_h:  # a -inf logit would give 0 * -inf in dH/dx; its true term is 0
-                logp.clamp_(min=torch.finfo(logp.dtype).min)
+            if use_h:
+                # A -inf logit would give 0 * -inf in dH/dx; its true term is 0. Below
+                # -1e4, exp is exactly 0 in fp32 and fp64 alike, so clamping there
+                # changes nothing else and keeps g_h * log p finite.
+                logp.clamp_(min=-1e4)
             torch.exp(logp, out=p)
             g = g_lp[a:b].to(shard.dtype).unsqueeze(1)
-            if use_h:  # dH/dx_v = -p_v (log p_v + H); logp becomes that term times g_h
-                logp.add_(entropy[a:b].unsqueeze(1)).mul_(p).mul_(g_h[a:b].to(shard.dtype).unsqueeze(1))
-            gx = p.mul_(-g)
             if use_h:
-                gx.sub_(logp)
+                # d/dx_v of g*log p_y + g_h*H = g (1[v=y] - p_v) - g_h p_v (log p_v + H)
+                #   = g 1[v=y] + p_v * (-(g + g_h H) - g_h log p_v): three passes, not five
+                gh = g_h[a:b].to(shard.dtype).unsqueeze(1)
+                gx = logp.mul_(-gh).sub_(g + gh * entropy[a:b].unsqueeze(1)).mul_(p)
+            else:
+                gx = p.mul_(-g)
             if gx.shape[1] > 0:
                 hit = torch.where(owned[a:b], g.squeeze(1), 0.0).unsqueeze(1)
                 gx.scatter_add_(1, col[a:b].unsqueeze(1), hit)
@@ -558,7 +579,8 @@ class _MinpProxyKL(torch.autograd.Function):
                 d, e = blocks.get(b - a)
                 _shifted(logits2d, a, b, shard, temperature, m[r], d)
                 sums[r, 0] = torch.exp(d, out=e).sum(dim=1)
-                sums[r, 1] = _kept_sum(d, e, thr)
+                redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
+                sums[r, 1] = _kept_sum(e, thr, redo)
             saved[lo:hi, 0] = m
             saved[lo:hi, 1:] = torch.log(all_reduce_sum(sums, group))
         ctx.save_for_backward(logits2d, saved)
