@@ -14,9 +14,8 @@ CPU, NCCL on GPU), for each token count:
 Each (tokens, TP) point runs in fresh processes (one per rank) that call every
 method in turn, repeatedly, so machine noise hits all methods alike; times are
 medians. "peak extra" is the rise of the process's peak RSS (VmHWM, reset through
-/proc/self/clear_refs) over its RSS with the inputs allocated (glibc maps large
-allocations on their own and unmaps them on free, so one call's peak is its own;
-a few MiB of small temporaries may reuse heap pages and go uncounted); on GPU,
+/proc/self/clear_refs, after malloc_trim hands freed heap pages back, so that a
+call's own temporaries are counted) over its RSS with the inputs allocated; on GPU,
 torch.cuda.max_memory_allocated above the inputs. Prints one JSON document.
 
     python bench/vocab_parallel.py                       # defaults below
@@ -26,6 +25,8 @@ torch.cuda.max_memory_allocated above the inputs. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import math
 import os
@@ -51,6 +52,11 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+@functools.cache
+def _libc():
+    return ctypes.CDLL("libc.so.6")
+
+
 class _Peak:
     """Peak memory above the current level, on GPU or (via RSS) on CPU."""
 
@@ -63,6 +69,9 @@ class _Peak:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            # Hand freed heap pages back first: otherwise a call that reuses them
+            # does not raise the RSS and its temporaries go uncounted.
+            _libc().malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
             self.base = _rss_bytes("VmRSS")
