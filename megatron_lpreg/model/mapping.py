@@ -181,3 +181,49 @@ def to_hf(spec: ModelSpec, name: str, rule: Rule, full: torch.Tensor) -> Iterato
         yield from zip((rule.gate, rule.up), split_gate_up(full), strict=True)
     else:
         yield rule, full
+
+
+# ---------------------------------------------------------------------------
+# shapes implied by the config (checked against checkpoints before reading data)
+
+
+def hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the mapping reads -> the shape the config implies."""
+    h, hd, ffn = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size
+    q, kv = spec.num_attention_heads * hd, spec.num_query_groups * hd
+    per_layer = {
+        "model.layers.{i}.input_layernorm.weight": (h,),
+        _attn("q_proj.weight"): (q, h),
+        _attn("k_proj.weight"): (kv, h),
+        _attn("v_proj.weight"): (kv, h),
+        _attn("o_proj.weight"): (h, q),
+        "model.layers.{i}.post_attention_layernorm.weight": (h,),
+        "model.layers.{i}.mlp.gate_proj.weight": (ffn, h),
+        "model.layers.{i}.mlp.up_proj.weight": (ffn, h),
+        "model.layers.{i}.mlp.down_proj.weight": (h, ffn),
+    }
+    if spec.qkv_bias:
+        per_layer.update({_attn("q_proj.bias"): (q,), _attn("k_proj.bias"): (kv,), _attn("v_proj.bias"): (kv,)})
+    if spec.qk_norm:
+        per_layer.update({_attn("q_norm.weight"): (hd,), _attn("k_norm.weight"): (hd,)})
+    shapes = {"model.embed_tokens.weight": (spec.vocab_size, h), "model.norm.weight": (h,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, h)
+    for i in range(spec.num_layers):
+        shapes.update({k.format(i=i): v for k, v in per_layer.items()})
+    return shapes
+
+
+def megatron_shape(name: str, rule: Rule, shapes: dict, padded_vocab: int) -> tuple[int, ...]:
+    """Shape of the full megatron tensor ``name`` (after fusion and vocab padding),
+    from ``shapes = hf_shapes(spec)``."""
+    if isinstance(rule, FusedQKV):
+        parts = [shapes[rule.q], shapes[rule.k], shapes[rule.v]]
+        shape = (sum(p[0] for p in parts), *parts[0][1:])
+    elif isinstance(rule, FusedGateUp):
+        shape = (2 * shapes[rule.gate][0], *shapes[rule.gate][1:])
+    else:
+        shape = shapes[rule]
+    if name in VOCAB_ROWS:
+        shape = (padded_vocab, *shape[1:])
+    return shape

@@ -1,0 +1,253 @@
+"""HF safetensors <-> megatron-core distributed checkpoint, streaming one tensor at a time.
+
+``hf_to_megatron`` reads safetensors shards tensor by tensor (memory-mapped, never
+the whole model) and writes a megatron-core ``torch_dist`` checkpoint that loads at
+any TP/PP layout, plus ``lpreg_meta.json`` (source config, content hash).
+``megatron_to_hf`` reads any such checkpoint, also one written by a sharded
+megatron model, and writes sharded safetensors with an index, ``config.json`` and
+the tokenizer files. Both write into a temporary directory renamed at the end.
+The command lines are ``tools/convert_hf_to_megatron.py`` and
+``tools/convert_megatron_to_hf.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_lpreg.atomic_dir import atomic_directory
+from megatron_lpreg.model import checkpoint
+from megatron_lpreg.model.hf_config import ModelSpec, load_spec, spec_from_hf_config
+from megatron_lpreg.model.mapping import all_rules, hf_shapes, megatron_shape, to_hf
+
+META_FILE = "lpreg_meta.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# HF side
+
+
+class HFShards:
+    """Tensor name -> shard file of an HF model directory, read lazily."""
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").is_file():
+            with safe_open(self.dir / "model.safetensors", "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        else:
+            raise ConversionError(f"{self.dir} has neither model.safetensors nor model.safetensors.index.json")
+        missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+        if missing:
+            raise ConversionError(f"shard file(s) listed in the index are missing from {self.dir}: {missing}")
+        self.weight_map = weight_map
+        self._open: dict[str, object] = {}
+
+    def _file(self, name: str):
+        if name not in self.weight_map:
+            raise ConversionError(f"tensor {name!r} is not in the checkpoint {self.dir}")
+        fname = self.weight_map[name]
+        if fname not in self._open:
+            self._open[fname] = safe_open(self.dir / fname, "pt")
+        return self._open[fname]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+
+def check_hf_weights(spec: ModelSpec, shards: HFShards) -> None:
+    """Every tensor the config implies is present with the implied shape."""
+    for name, want in hf_shapes(spec).items():
+        got = shards.shape(name)
+        if got != want:
+            raise ConversionError(
+                f"config/weights mismatch: {name} has shape {got}, config.json implies {want}"
+            )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+
+
+def hf_to_megatron(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    check_tp: int | None = None,
+    check_pp: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert; returns the metadata written to ``lpreg_meta.json``."""
+    hf_dir = Path(hf_dir)
+    spec = load_spec(hf_dir)
+    if check_tp or check_pp:
+        spec.check_parallel(check_tp or 1, check_pp or 1)
+    shards = HFShards(hf_dir)
+    check_hf_weights(spec, shards)
+    cast = DTYPES[dtype] if dtype else None
+    padded = spec.padded_vocab_size(1)  # loads at any other padding
+    rules = all_rules(spec)
+    shapes = hf_shapes(spec)
+    digest = hashlib.sha256()
+    bar = _progress(len(rules), "hf -> megatron", progress)
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        written = checkpoint.write_checkpoint(
+            spec,
+            shards.get,
+            tmp,
+            padded_vocab=padded,
+            dtype=cast,
+            shape_of=lambda n: megatron_shape(n, rules[n], shapes, padded),
+            on_tensor=lambda _name: bar.update(1),
+        )
+        bar.close()
+        # Hash what is on disk, in a fixed order, from the checkpoint itself.
+        for name, t in checkpoint.read_tensors(tmp, spec):
+            digest.update(name.encode())
+            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        meta = dict(
+            format="megatron-core torch_dist (megatron-lpreg)",
+            source=str(hf_dir.resolve()),
+            source_files=sorted(set(shards.weight_map.values())),
+            hf_config=spec.hf_config,
+            padded_vocab_size=padded,
+            tensors={k: list(v) for k, v in written.items()},
+            content_sha256=digest.hexdigest(),
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        for fname in TOKENIZER_FILES:  # so that the reverse direction can restore them
+            if (hf_dir / fname).is_file():
+                shutil.copy2(hf_dir / fname, tmp / fname)
+    return meta
+
+
+# ---------------------------------------------------------------------------
+# megatron side
+
+
+def _find_config(ckpt_dir: Path, hf_config_dir: Path | None) -> tuple[dict, Path | None]:
+    if hf_config_dir is not None:
+        path = hf_config_dir / "config.json"
+        if not path.is_file():
+            raise ConversionError(f"{path} does not exist")
+        return json.loads(path.read_text()), hf_config_dir
+    meta = ckpt_dir / META_FILE
+    if meta.is_file():
+        return json.loads(meta.read_text())["hf_config"], ckpt_dir
+    raise ConversionError(
+        f"{ckpt_dir} has no {META_FILE} (not converted by this project); pass --hf-config-dir "
+        "with the config.json of the model it was trained from"
+    )
+
+
+def megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    hf_config_dir: str | Path | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Convert; returns the weight map (HF tensor name -> shard file)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / ".metadata").is_file():
+        raise ConversionError(f"{ckpt_dir} is not a megatron-core torch_dist checkpoint (no .metadata)")
+    cfg, extras_dir = _find_config(ckpt_dir, Path(hf_config_dir) if hf_config_dir else None)
+    spec = spec_from_hf_config(cfg)
+    rules = all_rules(spec)
+    cast = DTYPES[dtype] if dtype else None
+    bar = _progress(len(rules), "megatron -> hf", progress)
+    weight_map: dict[str, str] = {}
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = _ShardWriter(tmp, max_shard_bytes, weight_map)
+        for canonical, full in checkpoint.read_tensors(ckpt_dir, spec):
+            for hf_name, t in to_hf(spec, canonical, rules[canonical], full):
+                writer.add(hf_name, t if cast is None else t.to(cast))
+            bar.update(1)
+        writer.close()
+        bar.close()
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        out_cfg = dict(cfg)
+        if cast is not None:
+            out_cfg["torch_dtype"] = out_cfg["dtype"] = str(cast).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2, default=str))
+        if extras_dir is not None:
+            for fname in TOKENIZER_FILES:
+                if (extras_dir / fname).is_file():
+                    shutil.copy2(extras_dir / fname, tmp / fname)
+    return weight_map
+
+
+class _ShardWriter:
+    """Accumulates tensors up to ``max_bytes`` per safetensors file."""
+
+    def __init__(self, out: Path, max_bytes: int, weight_map: dict[str, str]):
+        self.out, self.max_bytes, self.weight_map = out, max_bytes, weight_map
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[str] = []
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        # clone: a view would keep the whole fused megatron tensor alive
+        self.pending[name] = t.contiguous().clone()
+        self.size += nbytes
+
+    def flush(self) -> None:
+        fname = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.out / fname), metadata={"format": "pt"})
+        self.files.append(fname)
+        for name in self.pending:
+            self.weight_map[name] = fname
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self.flush()
+        n = len(self.files)
+        for i, old in enumerate(self.files):  # HF naming: model-00001-of-00003.safetensors
+            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / old).rename(self.out / new)
+            for k, v in self.weight_map.items():
+                if v == old:
+                    self.weight_map[k] = new
