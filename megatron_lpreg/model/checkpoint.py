@@ -114,7 +114,7 @@ def write_checkpoint(
     padded_vocab: int,
     dtype: torch.dtype | None = None,
     shape_of: Callable[[str], tuple[int, ...]] | None = None,
-    on_tensor: Callable[[str], None] | None = None,
+    on_tensor: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Write the model weights held by HF tensors as a megatron-core checkpoint.
 
@@ -126,7 +126,8 @@ def write_checkpoint(
         dtype: cast every tensor to this dtype (default: keep).
         shape_of: ``canonical megatron name -> full shape`` without reading data;
             default builds the tensor once (fine for small models only).
-        on_tensor: called with each canonical name after it was produced (progress).
+        on_tensor: ``(canonical name, tensor)`` for each tensor as it is written
+            (progress, hashing).
 
     Returns:
         ``{sharded key: global shape}`` of what was written.
@@ -137,9 +138,10 @@ def write_checkpoint(
         t = to_megatron(spec, canonical, rules[canonical], get, padded_vocab)
         if dtype is not None:
             t = t.to(dtype)
+        t = t.contiguous()
         if on_tensor is not None:
-            on_tensor(canonical)
-        return t.contiguous()
+            on_tensor(canonical, t)
+        return t
 
     chunks: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
     global_shapes: dict[str, tuple[int, ...]] = {}

@@ -120,8 +120,12 @@ def hf_to_megatron(
     padded = spec.padded_vocab_size(1)  # loads at any other padding
     rules = all_rules(spec)
     shapes = hf_shapes(spec)
-    digest = hashlib.sha256()
+    hashes: dict[str, str] = {}
     bar = _progress(len(rules), "hf -> megatron", progress)
+
+    def written_tensor(name: str, t: torch.Tensor) -> None:
+        hashes[name] = hashlib.sha256(memoryview(t.view(torch.uint8).numpy())).hexdigest()
+        bar.update(1)
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         written = checkpoint.write_checkpoint(
@@ -131,13 +135,11 @@ def hf_to_megatron(
             padded_vocab=padded,
             dtype=cast,
             shape_of=lambda n: megatron_shape(n, rules[n], shapes, padded),
-            on_tensor=lambda _name: bar.update(1),
+            on_tensor=written_tensor,
         )
         bar.close()
-        # Hash what is on disk, in a fixed order, from the checkpoint itself.
-        for name, t in checkpoint.read_tensors(tmp, spec):
-            digest.update(name.encode())
-            digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        # one digest of the content, independent of the order tensors were written in
+        digest = hashlib.sha256("".join(f"{k}:{hashes[k]}\n" for k in sorted(hashes)).encode())
         meta = dict(
             format="megatron-core torch_dist (megatron-lpreg)",
             source=str(hf_dir.resolve()),
@@ -146,6 +148,7 @@ def hf_to_megatron(
             padded_vocab_size=padded,
             tensors={k: list(v) for k, v in written.items()},
             content_sha256=digest.hexdigest(),
+            tensor_sha256=hashes,
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         for fname in TOKENIZER_FILES:  # so that the reverse direction can restore them
