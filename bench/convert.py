@@ -4,11 +4,14 @@ Generates a synthetic Qwen3-shaped bf16 checkpoint of a few GB (random weights,
 several safetensors shards), then, side by side in one run:
 
   raw read       read every shard file once (64 MiB reads)
+  raw copy       copy every shard file (shutil.copyfile, then sync)
   hf -> megatron tools/convert_hf_to_megatron.py, in a fresh process
   megatron -> hf tools/convert_megatron_to_hf.py, in a fresh process
 
 Reports throughput (model GB / s) of each conversion over the raw read speed of the
-same files (the page cache is warm for all three: the files were just written),
+same files (the page cache is warm for all three: the files were just written)
+and over a plain file copy of them (read + write: the I/O floor of a conversion,
+which must write what it reads),
 and each conversion's peak RSS above its own start-up RSS divided by the largest
 single tensor and by the model size. Prints one JSON document.
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,6 +92,18 @@ def raw_read_seconds(d: Path, pattern: str = "*.safetensors") -> float:
     return time.perf_counter() - t0
 
 
+def raw_copy_seconds(src: Path, dst: Path) -> float:
+    """Read and write the same bytes with a plain file copy: the I/O floor of any conversion."""
+    dst.mkdir()
+    t0 = time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        shutil.copyfile(f, dst / f.name)
+    os.sync()
+    dt = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return dt
+
+
 def _worker(kind: str, src: str, dst: str) -> None:
     """Runs a conversion in this fresh process; prints its time and peak RSS rise."""
     sys.path.insert(0, str(ROOT / "tools"))
@@ -132,6 +149,7 @@ def main(argv=None):
         print("generating the synthetic checkpoint ...", file=sys.stderr)
         model_bytes, largest = make_checkpoint(tmp / "hf", args)
         raw_s = min(raw_read_seconds(tmp / "hf") for _ in range(2))
+        copy_s = raw_copy_seconds(tmp / "hf", tmp / "copy")
         print("hf -> megatron ...", file=sys.stderr)
         to_m = run_worker("hf2mcore", tmp / "hf", tmp / "mcore")
         print("megatron -> hf ...", file=sys.stderr)
@@ -144,9 +162,11 @@ def main(argv=None):
         model_gb=gb,
         largest_tensor_gb=largest / 1e9,
         raw_read_gb_per_s=gb / raw_s,
+        raw_copy_gb_per_s=gb / copy_s,
         hf_to_megatron=dict(
             seconds=to_m["seconds"], gb_per_s=gb / to_m["seconds"],
             throughput_over_raw_read=(gb / to_m["seconds"]) / (gb / raw_s),
+            throughput_over_raw_copy=(gb / to_m["seconds"]) / (gb / copy_s),
             peak_rss_rise_gb=to_m["peak_rss_rise"] / 1e9,
             peak_rss_over_largest_tensor=to_m["peak_rss_rise"] / largest,
             peak_rss_over_model=to_m["peak_rss_rise"] / model_bytes,
@@ -154,6 +174,7 @@ def main(argv=None):
         megatron_to_hf=dict(
             seconds=to_hf["seconds"], gb_per_s=gb / to_hf["seconds"],
             throughput_over_raw_read=(gb / to_hf["seconds"]) / (gb / mcore_raw_s),
+            throughput_over_raw_copy=(gb / to_hf["seconds"]) / (gb / copy_s),
             peak_rss_rise_gb=to_hf["peak_rss_rise"] / 1e9,
             peak_rss_over_largest_tensor=to_hf["peak_rss_rise"] / largest,
             peak_rss_over_model=to_hf["peak_rss_rise"] / model_bytes,

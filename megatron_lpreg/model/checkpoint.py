@@ -216,6 +216,12 @@ def load_into(model, path: str | Path) -> None:
         raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
+def stored_dtypes(path: str | Path) -> dict[str, torch.dtype]:
+    """Sharded key -> dtype of every tensor in a checkpoint (metadata only)."""
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k: v.properties.dtype for k, v in meta.items() if hasattr(v, "properties")}
+
+
 def read_tensors(path: str | Path, spec: ModelSpec) -> Iterator[tuple[str, torch.Tensor]]:
     """(canonical name, full tensor) for every model weight, one at a time, in
     mapping order. Works on any checkpoint in this format, whatever TP/PP wrote it."""

@@ -18,13 +18,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatron_lpreg.atomic_dir import atomic_directory
 from megatron_lpreg.model import checkpoint
 from megatron_lpreg.model.hf_config import ModelSpec, load_spec, spec_from_hf_config
-from megatron_lpreg.model.mapping import all_rules, hf_shapes, megatron_shape, to_hf
+from megatron_lpreg.model.mapping import all_rules, hf_names, hf_shapes, megatron_shape, to_hf
+from megatron_lpreg.model.safetensors_io import Planned, SafetensorsFile, StreamingShardWriter
 
 META_FILE = "lpreg_meta.json"
 TOKENIZER_FILES = (
@@ -50,7 +49,7 @@ class ConversionError(ValueError):
 
 
 class HFShards:
-    """Tensor name -> shard file of an HF model directory, read lazily."""
+    """Tensor name -> shard file of an HF model directory, read one tensor at a time."""
 
     def __init__(self, hf_dir: str | Path):
         self.dir = Path(hf_dir)
@@ -58,29 +57,30 @@ class HFShards:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.dir / "model.safetensors").is_file():
-            with safe_open(self.dir / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+            weight_map = dict.fromkeys(SafetensorsFile(self.dir / "model.safetensors").keys(), "model.safetensors")
         else:
             raise ConversionError(f"{self.dir} has neither model.safetensors nor model.safetensors.index.json")
         missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
         if missing:
             raise ConversionError(f"shard file(s) listed in the index are missing from {self.dir}: {missing}")
         self.weight_map = weight_map
-        self._open: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
 
-    def _file(self, name: str):
+    def _file(self, name: str) -> SafetensorsFile:
         if name not in self.weight_map:
             raise ConversionError(f"tensor {name!r} is not in the checkpoint {self.dir}")
         fname = self.weight_map[name]
-        if fname not in self._open:
-            self._open[fname] = safe_open(self.dir / fname, "pt")
-        return self._open[fname]
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(self.dir / fname)
+        if name not in self._files[fname].entries:
+            raise ConversionError(f"the index puts {name!r} in {fname}, which does not hold it")
+        return self._files[fname]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return self._file(name).shape(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
+        return self._file(name).read(name)
 
 
 def check_hf_weights(spec: ModelSpec, shards: HFShards) -> None:
@@ -195,17 +195,24 @@ def megatron_to_hf(
     rules = all_rules(spec)
     cast = DTYPES[dtype] if dtype else None
     bar = _progress(len(rules), "megatron -> hf", progress)
-    weight_map: dict[str, str] = {}
 
+    stored = checkpoint.stored_dtypes(ckpt_dir)
+    shapes = hf_shapes(spec)
+    plan = [
+        Planned(hf_name, cast or stored[checkpoint.sharded_key(canonical)[0]], shapes[hf_name])
+        for canonical, rule in rules.items()
+        for hf_name in hf_names(rule)
+    ]
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes, weight_map)
+        writer = StreamingShardWriter(tmp, plan, max_shard_bytes)
         for canonical, full in checkpoint.read_tensors(ckpt_dir, spec):
             for hf_name, t in to_hf(spec, canonical, rules[canonical], full):
                 writer.add(hf_name, t if cast is None else t.to(cast))
             bar.update(1)
         writer.close()
         bar.close()
-        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        weight_map = writer.weight_map
+        total = sum(p.nbytes for p in plan)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         out_cfg = dict(cfg)
@@ -217,40 +224,3 @@ def megatron_to_hf(
                 if (extras_dir / fname).is_file():
                     shutil.copy2(extras_dir / fname, tmp / fname)
     return weight_map
-
-
-class _ShardWriter:
-    """Accumulates tensors up to ``max_bytes`` per safetensors file."""
-
-    def __init__(self, out: Path, max_bytes: int, weight_map: dict[str, str]):
-        self.out, self.max_bytes, self.weight_map = out, max_bytes, weight_map
-        self.pending: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[str] = []
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.size + nbytes > self.max_bytes:
-            self.flush()
-        # clone: a view would keep the whole fused megatron tensor alive
-        self.pending[name] = t.contiguous().clone()
-        self.size += nbytes
-
-    def flush(self) -> None:
-        fname = f"model-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.out / fname), metadata={"format": "pt"})
-        self.files.append(fname)
-        for name in self.pending:
-            self.weight_map[name] = fname
-        self.pending, self.size = {}, 0
-
-    def close(self) -> None:
-        if self.pending:
-            self.flush()
-        n = len(self.files)
-        for i, old in enumerate(self.files):  # HF naming: model-00001-of-00003.safetensors
-            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out / old).rename(self.out / new)
-            for k, v in self.weight_map.items():
-                if v == old:
-                    self.weight_map[k] = new
