@@ -23,8 +23,10 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
+# Each benchmark prints one JSON document; bench/results/ holds measured runs.
 bench: setup
 	$(PY) bench/vocab_parallel.py
+	$(PY) bench/convert.py
 
 clean-venv:
 	rm -rf $(VENV)
