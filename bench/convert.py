@@ -157,34 +157,31 @@ def main(argv=None):
         mcore_raw_s = min(raw_read_seconds(tmp / "mcore", "*") for _ in range(2))
 
     gb = model_bytes / 1e9
+
+    def direction(res: dict, read_s: float) -> dict:
+        rise = res["peak_rss_rise"]
+        return dict(
+            seconds=res["seconds"],
+            gb_per_s=gb / res["seconds"],
+            throughput_over_raw_read=read_s / res["seconds"],
+            throughput_over_raw_copy=copy_s / res["seconds"],
+            peak_rss_rise_gb=rise / 1e9,
+            peak_rss_over_largest_tensor=rise / largest,
+            peak_rss_over_model=rise / model_bytes,
+            meets_rss_target=rise <= 3 * largest + 1e9,
+            meets_throughput_target=read_s / res["seconds"] >= 0.5,
+        )
+
     report = dict(
         benchmark="convert",
         model_gb=gb,
         largest_tensor_gb=largest / 1e9,
         raw_read_gb_per_s=gb / raw_s,
         raw_copy_gb_per_s=gb / copy_s,
-        hf_to_megatron=dict(
-            seconds=to_m["seconds"], gb_per_s=gb / to_m["seconds"],
-            throughput_over_raw_read=(gb / to_m["seconds"]) / (gb / raw_s),
-            throughput_over_raw_copy=(gb / to_m["seconds"]) / (gb / copy_s),
-            peak_rss_rise_gb=to_m["peak_rss_rise"] / 1e9,
-            peak_rss_over_largest_tensor=to_m["peak_rss_rise"] / largest,
-            peak_rss_over_model=to_m["peak_rss_rise"] / model_bytes,
-        ),
-        megatron_to_hf=dict(
-            seconds=to_hf["seconds"], gb_per_s=gb / to_hf["seconds"],
-            throughput_over_raw_read=(gb / to_hf["seconds"]) / (gb / mcore_raw_s),
-            throughput_over_raw_copy=(gb / to_hf["seconds"]) / (gb / copy_s),
-            peak_rss_rise_gb=to_hf["peak_rss_rise"] / 1e9,
-            peak_rss_over_largest_tensor=to_hf["peak_rss_rise"] / largest,
-            peak_rss_over_model=to_hf["peak_rss_rise"] / model_bytes,
-        ),
+        hf_to_megatron=direction(to_m, raw_s),
+        megatron_to_hf=direction(to_hf, mcore_raw_s),
         targets=dict(throughput_over_raw_read=">= 0.5", peak_rss="<= 3 x largest tensor + 1 GB"),
     )
-    for k in ("hf_to_megatron", "megatron_to_hf"):
-        r = report[k]
-        r["meets_rss_target"] = r["peak_rss_rise_gb"] <= 3 * report["largest_tensor_gb"] + 1.0
-        r["meets_throughput_target"] = r["throughput_over_raw_read"] >= 0.5
     print(json.dumps(report, indent=2))
 
 
