@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue as queue_mod
 import socket
 import traceback
 from collections.abc import Callable
@@ -109,8 +110,6 @@ def run_ranks(
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
     try:
-        import queue as queue_mod
-
         for _ in range(n):
             try:
                 rank, ok, payload = queue.get(timeout=timeout)
