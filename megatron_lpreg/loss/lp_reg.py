@@ -1,0 +1,116 @@
+"""Lp-Reg policy loss, reference-exact (``shared/design/LPREG.md`` section 2).
+
+Per token, with ``r = exp(log pi - log pi_old)``::
+
+    pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))        # PPO, no dual clip
+
+Among the valid tokens with ``A < 0`` the ``k = max(1, int(n_neg * rho_neg))`` of lowest
+``log pi`` are selected (likewise ``A > 0`` with ``rho_pos``); the reference applies
+the selection only when ``k > 1``. A selected token whose ``log pi`` is below its proxy
+log-prob (detached comparison) gets instead::
+
+    -A r (unclipped) + beta * KL_est(log pi, log pi_proxy)
+
+with the reference's estimators (each clamped to [-10, 10]):
+``low_var_kl`` (k3) ``exp(d) - d - 1`` with ``d = log pi_proxy - log pi``, ``kl``
+``log pi - log pi_proxy``, ``abs`` ``|log pi - log pi_proxy|``, ``mse``
+``0.5 (log pi - log pi_proxy)^2``.
+
+Selection here runs over the tensors given (the reference's micro-batch scope).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_lpreg.loss.aggregation import aggregate
+
+KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
+
+
+def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token KL estimate of the policy against ``ref_log_prob``, clamped to [-10, 10]."""
+    if kl_type == "low_var_kl":
+        d = ref_log_prob - log_prob
+        est = torch.exp(d) - d - 1
+    elif kl_type == "kl":
+        est = log_prob - ref_log_prob
+    elif kl_type == "abs":
+        est = (log_prob - ref_log_prob).abs()
+    elif kl_type == "mse":
+        est = 0.5 * (log_prob - ref_log_prob).square()
+    else:
+        raise ValueError(f"kl_type={kl_type!r} is not one of {KL_TYPES}")
+    return est.clamp(-10.0, 10.0)
+
+
+def select_lowest(log_prob: torch.Tensor, candidates: torch.Tensor, percent: float) -> torch.Tensor:
+    """Bool ``[B, T]``: the ``k = max(1, int(n * percent))`` candidates of lowest log-prob,
+    or nothing when ``k <= 1`` (the reference's quirk)."""
+    picked = torch.zeros_like(candidates)
+    n = int(candidates.sum())
+    k = max(1, int(n * percent))
+    if n == 0 or k <= 1:
+        return picked
+    flat_idx = candidates.reshape(-1).nonzero().squeeze(1)
+    lowest = log_prob.detach().reshape(-1)[flat_idx].topk(k, largest=False).indices
+    picked.view(-1)[flat_idx[lowest]] = True
+    return picked
+
+
+def lp_reg_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    proxy_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    neg_percent: float = 0.01,
+    pos_percent: float = 0.0,
+    kl_coef: float = 1.0,
+    kl_type: str = "low_var_kl",
+    loss_agg_mode: str = "token-mean",
+):
+    """Lp-Reg loss over ``[batch, response_len]`` tensors.
+
+    Args:
+        log_prob: current policy log-probs (with grad), fp32.
+        old_log_prob, proxy_log_prob: from the old-policy pass (no grad); proxy
+            log-probs of tokens outside the proxy may be any sentinel not above
+            ``log_prob`` (the op returns ``min(-1e4, log_prob)``).
+        advantages: per token. response_mask: 1 on response tokens.
+
+    Returns:
+        ``(loss, metrics)``: scalar loss; metrics of python floats.
+    """
+    mask = response_mask > 0
+    ratio = torch.exp(log_prob - old_log_prob)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+
+    selected = select_lowest(log_prob, mask & (advantages < 0), neg_percent) | select_lowest(
+        log_prob, mask & (advantages > 0), pos_percent
+    )
+    regularised = selected & (log_prob.detach() < proxy_log_prob)
+    # Computed everywhere and selected with where(): the unselected branch's
+    # gradient is multiplied by an exact zero, so sentinels cannot produce NaN.
+    safe_proxy = torch.where(regularised, proxy_log_prob, log_prob.detach())
+    kl = kl_estimate(log_prob, safe_proxy, kl_type)
+    lp_term = -advantages * ratio + kl_coef * kl
+    per_token = torch.where(regularised, lp_term, pg)
+    loss = aggregate(per_token, response_mask, loss_agg_mode)
+
+    with torch.no_grad():
+        n_valid = int(mask.sum())
+        n_reg = int(regularised.sum())
+        metrics = {
+            "pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / max(n_valid, 1),
+            "lp_reg/selected_tokens": int(selected.sum()),
+            "lp_reg/regularised_tokens": n_reg,
+            "lp_reg/regularised_share": n_reg / max(n_valid, 1),
+            "lp_reg/kl_on_regularised": float(kl[regularised].mean()) if n_reg else 0.0,
+        }
+    return loss, metrics
