@@ -16,7 +16,14 @@ with the reference's estimators (each clamped to [-10, 10]):
 ``log pi - log pi_proxy``, ``abs`` ``|log pi - log pi_proxy|``, ``mse``
 ``0.5 (log pi - log pi_proxy)^2``.
 
-Selection here runs over the tensors given (the reference's micro-batch scope).
+Selection scope. ``micro_batch`` (the reference): the rho% are counted within the
+tensors given, so the result depends on how batches are cut. ``global``: the rho%
+of the whole mini-batch, over every micro-batch and data-parallel rank —
+:func:`global_thresholds` turns the mini-batch's log-probs into one threshold per
+sign (collectives on counts only, :mod:`megatron_lpreg.ops.global_select`) and
+every micro-batch then selects ``log pi <= threshold``. Global is the better-defined
+choice (the same tokens are regularised whatever the DP size or micro-batch
+packing), so it is the default of the trainer's config.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lpreg.loss.aggregation import aggregate
+from megatron_lpreg.ops.global_select import global_count, kth_smallest
 
 KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
 
@@ -48,14 +56,47 @@ def select_lowest(log_prob: torch.Tensor, candidates: torch.Tensor, percent: flo
     """Bool ``[B, T]``: the ``k = max(1, int(n * percent))`` candidates of lowest log-prob,
     or nothing when ``k <= 1`` (the reference's quirk)."""
     picked = torch.zeros_like(candidates)
-    n = int(candidates.sum())
-    k = max(1, int(n * percent))
-    if n == 0 or k <= 1:
+    k = _k(int(candidates.sum()), percent)
+    if not k:
         return picked
     flat_idx = candidates.reshape(-1).nonzero().squeeze(1)
     lowest = log_prob.detach().reshape(-1)[flat_idx].topk(k, largest=False).indices
     picked.view(-1)[flat_idx[lowest]] = True
     return picked
+
+
+def _k(n: int, percent: float) -> int:
+    """The reference's count: max(1, int(n * percent)), and no selection unless > 1."""
+    k = max(1, int(n * percent))
+    return k if n and k > 1 else 0
+
+
+def global_thresholds(
+    log_probs: list[torch.Tensor],
+    advantages: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    *,
+    neg_percent: float,
+    pos_percent: float = 0.0,
+    group=None,
+) -> tuple[float | None, float | None]:
+    """Thresholds (negative, positive) for ``global`` selection over a mini-batch.
+
+    Each list holds this rank's micro-batches (``[batch, response_len]`` each);
+    ``group`` is the data-parallel group. None means "select nothing". Every rank
+    of ``group`` must call it.
+    """
+    out = []
+    for sign, percent in ((-1, neg_percent), (1, pos_percent)):
+        vals = [
+            lp.detach()[(m > 0) & ((a < 0) if sign < 0 else (a > 0))]
+            for lp, a, m in zip(log_probs, advantages, masks, strict=True)
+        ]
+        local = torch.cat(vals) if vals else torch.empty(0)
+        n = int(global_count(local.numel(), group))
+        k = _k(n, percent)
+        out.append(kth_smallest(local, k, group) if k else None)
+    return out[0], out[1]
 
 
 def lp_reg_loss(
@@ -72,6 +113,7 @@ def lp_reg_loss(
     kl_coef: float = 1.0,
     kl_type: str = "low_var_kl",
     loss_agg_mode: str = "token-mean",
+    thresholds: tuple[float | None, float | None] | None = None,
 ):
     """Lp-Reg loss over ``[batch, response_len]`` tensors.
 
@@ -81,6 +123,8 @@ def lp_reg_loss(
             log-probs of tokens outside the proxy may be any sentinel not above
             ``log_prob`` (the op returns ``min(-1e4, log_prob)``).
         advantages: per token. response_mask: 1 on response tokens.
+        thresholds: ``global`` scope: (negative, positive) from
+            :func:`global_thresholds`; None: the reference's micro-batch selection.
 
     Returns:
         ``(loss, metrics)``: scalar loss; metrics of python floats.
@@ -91,9 +135,14 @@ def lp_reg_loss(
     pg2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)
 
-    selected = select_lowest(log_prob, mask & (advantages < 0), neg_percent) | select_lowest(
-        log_prob, mask & (advantages > 0), pos_percent
-    )
+    neg, pos = mask & (advantages < 0), mask & (advantages > 0)
+    if thresholds is None:
+        selected = select_lowest(log_prob, neg, neg_percent) | select_lowest(log_prob, pos, pos_percent)
+    else:
+        selected = torch.zeros_like(mask)
+        for cand, thr in ((neg, thresholds[0]), (pos, thresholds[1])):
+            if thr is not None:
+                selected |= cand & (log_prob.detach() <= thr)
     regularised = selected & (log_prob.detach() < proxy_log_prob)
     # Computed everywhere and selected with where(): the unselected branch's
     # gradient is multiplied by an exact zero, so sentinels cannot produce NaN.

@@ -139,3 +139,47 @@ def test_gradcheck():
     px = lp + 0.5
     f = lambda x: lp_reg_loss(x, old, px, -adv.abs(), mask, neg_percent=0.3, kl_type="low_var_kl")[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),))
+
+
+def _micro_batches(rank: int):
+    """Two micro-batches per rank, of different sizes, distinct log-probs everywhere."""
+    lp, old, px, adv, mask = _batch(seed=10 + rank, B=5, T=30)
+    lp = lp + rank * 1e-7  # no ties across ranks
+    return [(lp[:2], old[:2], px[:2], adv[:2], mask[:2]), (lp[2:], old[2:], px[2:], adv[2:], mask[2:])]
+
+
+def _rank_global_selection():
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_lpreg.loss.lp_reg import global_thresholds
+
+    mbs = _micro_batches(dist.get_rank())
+    thr = global_thresholds([m[0] for m in mbs], [m[3] for m in mbs], [m[4] for m in mbs],
+                            neg_percent=0.05, pos_percent=0.03, group=ps.get_data_parallel_group())
+    selected = []
+    for lp, old, px, adv, mask in mbs:
+        _, m = lp_reg_loss(lp, old, px, adv, mask, neg_percent=0.05, pos_percent=0.03, thresholds=thr)
+        selected.append(m["lp_reg/selected_tokens"])
+    return thr, selected
+
+
+def test_global_selection_dp2_equals_single_process_over_the_concatenation():
+    from tests.distributed import Layout, run_ranks
+
+    results = run_ranks(_rank_global_selection, Layout(dp=2))
+    assert results[0][0] == results[1][0]  # every rank agrees on the thresholds
+    # single process over the whole mini-batch (both ranks' micro-batches), micro-batch semantics
+    parts = [mb for r in range(2) for mb in _micro_batches(r)]
+    width = max(p[0].shape[1] for p in parts)
+    cat = [torch.cat([p[i] for p in parts]) for i in range(5)]
+    assert all(p[0].shape[1] == width for p in parts)
+    _, m = lp_reg_loss(*cat, neg_percent=0.05, pos_percent=0.03)
+    assert sum(sum(r[1]) for r in results) == m["lp_reg/selected_tokens"] > 2
+    # and the very same tokens: the global thresholds select exactly the reference's set
+    from megatron_lpreg.loss.lp_reg import select_lowest
+
+    lp, _, _, adv, mask = cat
+    ref_neg = select_lowest(lp, (mask > 0) & (adv < 0), 0.05)
+    thr_neg = results[0][0][0]
+    assert torch.equal(ref_neg, (mask > 0) & (adv < 0) & (lp <= thr_neg))
