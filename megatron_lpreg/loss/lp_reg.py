@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lpreg.loss.aggregation import aggregate
+from megatron_lpreg.loss.ppo import tis_weights
 from megatron_lpreg.ops.global_select import global_count, kth_smallest
 
 KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
@@ -114,6 +115,8 @@ def lp_reg_loss(
     kl_type: str = "low_var_kl",
     loss_agg_mode: str = "token-mean",
     thresholds: tuple[float | None, float | None] | None = None,
+    rollout_log_prob: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ):
     """Lp-Reg loss over ``[batch, response_len]`` tensors.
 
@@ -125,6 +128,8 @@ def lp_reg_loss(
         advantages: per token. response_mask: 1 on response tokens.
         thresholds: ``global`` scope: (negative, positive) from
             :func:`global_thresholds`; None: the reference's micro-batch selection.
+        rollout_log_prob, tis_cap: truncated importance sampling, as in
+            :func:`megatron_lpreg.loss.ppo.tis_weights` (off by default).
 
     Returns:
         ``(loss, metrics)``: scalar loss; metrics of python floats.
@@ -150,6 +155,9 @@ def lp_reg_loss(
     kl = kl_estimate(log_prob, safe_proxy, kl_type)
     lp_term = -advantages * ratio + kl_coef * kl
     per_token = torch.where(regularised, lp_term, pg)
+    w = tis_weights(old_log_prob, rollout_log_prob, tis_cap)
+    if w is not None:
+        per_token = per_token * w
     loss = aggregate(per_token, response_mask, loss_agg_mode)
 
     with torch.no_grad():

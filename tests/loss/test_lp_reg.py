@@ -183,3 +183,16 @@ def test_global_selection_dp2_equals_single_process_over_the_concatenation():
     ref_neg = select_lowest(lp, (mask > 0) & (adv < 0), 0.05)
     thr_neg = results[0][0][0]
     assert torch.equal(ref_neg, (mask > 0) & (adv < 0) & (lp <= thr_neg))
+
+
+def test_tis_weights_scale_each_token_and_registry_names():
+    from megatron_lpreg.loss.registry import get_policy_loss
+
+    lp, old, px, adv, mask = _batch(seed=6)
+    roll = old - 0.7  # exp(0.7) = 2.01 > cap: every weight is the cap
+    plain, _ = lp_reg_loss(lp, old, px, adv, mask, neg_percent=0.1)
+    weighted, _ = lp_reg_loss(lp, old, px, adv, mask, neg_percent=0.1, rollout_log_prob=roll, tis_cap=1.5)
+    torch.testing.assert_close(weighted, 1.5 * plain)
+    assert get_policy_loss("lp_reg") is lp_reg_loss
+    with pytest.raises(ValueError, match="registered"):
+        get_policy_loss("nope")
