@@ -3,13 +3,16 @@
 Every loss takes ``[batch, response_len]`` tensors and returns ``(loss, metrics)``.
 Inputs beyond ``log_prob, old_log_prob, advantages, response_mask``:
 ``lp_reg`` needs ``proxy_log_prob`` (from the old-policy pass). Every loss takes
-``rollout_log_prob`` and ``tis_cap`` for truncated importance sampling.
+``rollout_log_prob`` and ``tis_cap`` for truncated importance sampling. The
+entropy bonus and 80/20 baselines wrap any of them
+(:mod:`megatron_lpreg.loss.entropy_control`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from megatron_lpreg.loss.gspo import gspo_loss
 from megatron_lpreg.loss.lp_reg import lp_reg_loss
 from megatron_lpreg.loss.ppo import ppo_clip_loss
 
@@ -17,6 +20,7 @@ POLICY_LOSSES: dict[str, Callable] = {
     "grpo": ppo_clip_loss,
     "ppo": ppo_clip_loss,
     "lp_reg": lp_reg_loss,
+    "gspo": gspo_loss,
 }
 
 
