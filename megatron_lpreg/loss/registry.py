@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from megatron_lpreg.loss.cov_control import clip_cov_loss, kl_cov_loss
 from megatron_lpreg.loss.gspo import gspo_loss
 from megatron_lpreg.loss.lp_reg import lp_reg_loss
 from megatron_lpreg.loss.ppo import ppo_clip_loss
@@ -21,6 +22,8 @@ POLICY_LOSSES: dict[str, Callable] = {
     "ppo": ppo_clip_loss,
     "lp_reg": lp_reg_loss,
     "gspo": gspo_loss,
+    "kl_cov": kl_cov_loss,
+    "clip_cov": clip_cov_loss,
 }
 
 
