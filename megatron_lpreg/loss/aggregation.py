@@ -39,3 +39,10 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     if mode == "seq-mean-token-sum-norm":
         return per_seq_sum.sum() / loss_mat.shape[-1]
     raise ValueError(f"loss_agg_mode={mode!r} is not one of {AGG_MODES}")
+
+
+def entropy_metric(metrics: dict, entropy: torch.Tensor | None, mask: torch.Tensor) -> dict:
+    """Adds ``metrics["entropy"]``: the token-mean entropy of the valid tokens, when given."""
+    if entropy is not None:
+        metrics["entropy"] = float(aggregate(entropy.detach().double(), mask.double(), "token-mean"))
+    return metrics

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lpreg.loss.aggregation import aggregate
+from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
 from megatron_lpreg.loss.ppo import tis_weights
 
 
@@ -30,7 +30,7 @@ def _cov(advantages, log_prob, mask):
 
 def kl_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, k_percent: float = 0.2,
                 kl_coef: float = 1.0, loss_agg_mode: str = "token-mean", rollout_log_prob=None,
-                tis_cap=None):
+                tis_cap=None, entropy=None):
     """Tensors ``[batch, response_len]``; ``k_percent`` is in percent (0.2 = 0.2 %)."""
     valid = response_mask > 0
     diff = log_prob - old_log_prob
@@ -48,7 +48,7 @@ def kl_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, k_percent:
     if w is not None:
         pg = pg * w
     loss = aggregate(pg, response_mask, loss_agg_mode)
-    return loss, {"cov/regularised_tokens": int(chosen.sum())}
+    return loss, entropy_metric({"cov/regularised_tokens": int(chosen.sum())}, entropy, response_mask)
 
 
 def clip_cov_selection(log_prob, old_log_prob, advantages, response_mask, *, clip_low, clip_high,
@@ -70,7 +70,8 @@ def clip_cov_selection(log_prob, old_log_prob, advantages, response_mask, *, cli
 
 def clip_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, clip_low: float = 0.2,
                   clip_high: float = 0.2, clip_ratio: float = 2e-4, lb: float = 1.0, ub: float = 5.0,
-                  loss_agg_mode: str = "token-mean", generator=None, rollout_log_prob=None, tis_cap=None):
+                  loss_agg_mode: str = "token-mean", generator=None, rollout_log_prob=None, tis_cap=None,
+                  entropy=None):
     """Tensors ``[batch, response_len]``; returns ``(loss, metrics)``."""
     dropped = clip_cov_selection(log_prob, old_log_prob, advantages, response_mask, clip_low=clip_low,
                                  clip_high=clip_high, clip_ratio=clip_ratio, lb=lb, ub=ub, generator=generator)
@@ -80,4 +81,5 @@ def clip_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, clip_low
     w = tis_weights(old_log_prob, rollout_log_prob, tis_cap)
     if w is not None:
         pg = pg * w
-    return aggregate(pg, response_mask, loss_agg_mode), {"cov/dropped_tokens": int(dropped.sum())}
+    metrics = entropy_metric({"cov/dropped_tokens": int(dropped.sum())}, entropy, response_mask)
+    return aggregate(pg, response_mask, loss_agg_mode), metrics

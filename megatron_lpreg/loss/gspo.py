@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lpreg.loss.aggregation import aggregate
+from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
 from megatron_lpreg.loss.ppo import tis_weights
 
 
@@ -29,6 +29,7 @@ def gspo_loss(
     loss_agg_mode: str = "seq-mean-token-mean",
     rollout_log_prob: torch.Tensor | None = None,
     tis_cap: float | None = None,
+    entropy: torch.Tensor | None = None,
 ):
     """Tensors ``[batch, response_len]``; returns ``(loss, metrics)``."""
     mask = response_mask > 0
@@ -44,4 +45,4 @@ def gspo_loss(
         pg = pg * w
     loss = aggregate(pg, response_mask, loss_agg_mode)
     n = max(int(mask.sum()), 1)
-    return loss, {"pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / n}
+    return loss, entropy_metric({"pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / n}, entropy, response_mask)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lpreg.loss.aggregation import aggregate
+from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
 from megatron_lpreg.loss.ppo import tis_weights
 from megatron_lpreg.ops.global_select import global_count, kth_smallest
 
@@ -117,6 +117,7 @@ def lp_reg_loss(
     thresholds: tuple[float | None, float | None] | None = None,
     rollout_log_prob: torch.Tensor | None = None,
     tis_cap: float | None = None,
+    entropy: torch.Tensor | None = None,
 ):
     """Lp-Reg loss over ``[batch, response_len]`` tensors.
 
@@ -130,6 +131,7 @@ def lp_reg_loss(
             :func:`global_thresholds`; None: the reference's micro-batch selection.
         rollout_log_prob, tis_cap: truncated importance sampling, as in
             :func:`megatron_lpreg.loss.ppo.tis_weights` (off by default).
+        entropy: optional per-token entropy, only for the ``entropy`` metric.
 
     Returns:
         ``(loss, metrics)``: scalar loss; metrics of python floats.
@@ -170,4 +172,4 @@ def lp_reg_loss(
             "lp_reg/regularised_share": n_reg / max(n_valid, 1),
             "lp_reg/kl_on_regularised": float(kl[regularised].mean()) if n_reg else 0.0,
         }
-    return loss, metrics
+    return loss, entropy_metric(metrics, entropy, response_mask)

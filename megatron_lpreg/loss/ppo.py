@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lpreg.loss.aggregation import aggregate
+from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
 
 
 def tis_weights(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor | None, cap: float | None):
@@ -39,8 +39,10 @@ def ppo_clip_loss(
     loss_agg_mode: str = "token-mean",
     rollout_log_prob: torch.Tensor | None = None,
     tis_cap: float | None = None,
+    entropy: torch.Tensor | None = None,
 ):
-    """Tensors ``[batch, response_len]``; returns ``(loss, metrics)``."""
+    """Tensors ``[batch, response_len]``; returns ``(loss, metrics)``. ``entropy``
+    (optional, detached use) only feeds the ``entropy`` metric."""
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
     mask = response_mask > 0
@@ -62,4 +64,4 @@ def ppo_clip_loss(
         "pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / n,
         "pg_clipfrac_lower": float((lower & mask).sum()) / n,
     }
-    return loss, metrics
+    return loss, entropy_metric(metrics, entropy, response_mask)

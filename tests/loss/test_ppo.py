@@ -63,3 +63,20 @@ def test_bad_settings_are_refused():
         ppo_clip_loss(x, x, x, x + 1, dual_clip=1.0)
     with pytest.raises(ValueError, match="tis_cap"):
         ppo_clip_loss(x, x, x, x + 1, rollout_log_prob=x, tis_cap=0.0)
+
+
+def test_every_registered_loss_reports_entropy_when_given():
+    from megatron_lpreg.loss.registry import POLICY_LOSSES
+
+    g = torch.Generator().manual_seed(1)
+    lp = -torch.rand(3, 8, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 8, dtype=torch.float64)
+    mask[0, 4:] = 0
+    ent = torch.rand(3, 8, generator=g, dtype=torch.float64)
+    want = float((ent * mask).sum() / mask.sum())
+    for name, fn in POLICY_LOSSES.items():
+        extra = {"proxy_log_prob": lp + 0.1} if name == "lp_reg" else {}
+        args = (lp, lp.detach() - 0.01, *extra.values(), adv, mask)
+        _, m = fn(*args, entropy=ent)
+        assert m["entropy"] == pytest.approx(want), name
