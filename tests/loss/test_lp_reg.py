@@ -9,6 +9,7 @@ import torch
 
 from megatron_lpreg.loss.aggregation import AGG_MODES, aggregate
 from megatron_lpreg.loss.lp_reg import lp_reg_loss
+from tests.loss.transcribe import aggregate_tokens
 
 
 def _transcription(lp, old, px, adv, mask, *, clip_low, clip_high, neg, pos, coef, kl_type, mode):
@@ -38,16 +39,7 @@ def _transcription(lp, old, px, adv, mask, *, clip_low, clip_high, neg, pos, coe
                 else:
                     est = 0.5 * (lp[b, t] - px[b, t]) ** 2
                 per[b, t] = -adv[b, t] * r + coef * torch.clamp(est, -10, 10)
-    zero = lp.sum() * 0
-    if mode == "token-mean":
-        return sum(per.values(), zero) / max(len(per), 1)
-    seqs = [[per[b, t] for t in range(T) if (b, t) in per] for b in range(B)]
-    if mode == "seq-mean-token-sum":
-        return sum((sum(s, zero) for s in seqs), zero) / B
-    if mode == "seq-mean-token-mean":
-        nonempty = [s for s in seqs if s]
-        return sum((sum(s, zero) / len(s) for s in nonempty), zero) / max(len(nonempty), 1)
-    return sum((sum(s, zero) for s in seqs), zero) / T
+    return aggregate_tokens(per, B, T, mode, lp.sum() * 0)
 
 
 def _batch(seed=0, B=6, T=40, dtype=torch.float64):

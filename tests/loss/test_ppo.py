@@ -7,6 +7,7 @@ import torch
 
 from megatron_lpreg.loss.aggregation import AGG_MODES
 from megatron_lpreg.loss.ppo import ppo_clip_loss
+from tests.loss.transcribe import aggregate_tokens
 
 
 def _transcription(lp, old, adv, mask, roll, *, lo, hi, c, cap, mode):
@@ -24,16 +25,7 @@ def _transcription(lp, old, adv, mask, roll, *, lo, hi, c, cap, mode):
             if cap is not None:
                 x = x * torch.clamp(torch.exp(old[b, t] - roll[b, t]), max=cap)
             per[b, t] = x
-    zero = lp.sum() * 0
-    if mode == "token-mean":
-        return sum(per.values(), zero) / max(len(per), 1)
-    seqs = [[per[b, t] for t in range(T) if (b, t) in per] for b in range(B)]
-    if mode == "seq-mean-token-sum":
-        return sum((sum(s, zero) for s in seqs), zero) / B
-    if mode == "seq-mean-token-mean":
-        ne = [s for s in seqs if s]
-        return sum((sum(s, zero) / len(s) for s in ne), zero) / max(len(ne), 1)
-    return sum((sum(s, zero) for s in seqs), zero) / T
+    return aggregate_tokens(per, B, T, mode, lp.sum() * 0)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
