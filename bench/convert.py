@@ -11,7 +11,9 @@ several safetensors shards), then, side by side in one run:
 Reports throughput (model GB / s) of each conversion over the raw read speed of the
 same files (the page cache is warm for all three: the files were just written)
 and over a plain file copy of them (read + write: the I/O floor of a conversion,
-which must write what it reads),
+which must write what it reads). Every write phase starts after ``sync`` and ends
+with one, so dirty pages of one phase do not slow the next and "done" means on
+disk,
 and each conversion's peak RSS above its own start-up RSS divided by the largest
 single tensor and by the model size. Prints one JSON document.
 
@@ -95,6 +97,7 @@ def raw_read_seconds(d: Path, pattern: str = "*.safetensors") -> float:
 def raw_copy_seconds(src: Path, dst: Path) -> float:
     """Read and write the same bytes with a plain file copy: the I/O floor of any conversion."""
     dst.mkdir()
+    os.sync()
     t0 = time.perf_counter()
     for f in sorted(src.glob("*.safetensors")):
         shutil.copyfile(f, dst / f.name)
@@ -114,8 +117,10 @@ def _worker(kind: str, src: str, dst: str) -> None:
         from convert_megatron_to_hf import main
         argv = ["--megatron-dir", src, "--out", dst, "--no-progress"]
     base = _rss("VmRSS")
+    os.sync()  # start with no dirty pages from earlier phases
     t0 = time.perf_counter()
     rc = main(argv)
+    os.sync()  # done means on disk, as for the plain copy
     dt = time.perf_counter() - t0
     print(json.dumps(dict(rc=rc, seconds=dt, peak_rss_rise=_rss("VmHWM") - base, base_rss=base)))
 
