@@ -113,7 +113,7 @@ def write_checkpoint(
     *,
     padded_vocab: int,
     dtype: torch.dtype | None = None,
-    shape_of: Callable[[str], tuple[int, ...]] | None = None,
+    meta_of: Callable[[str], tuple[tuple[int, ...], torch.dtype]] | None = None,
     on_tensor: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Write the model weights held by HF tensors as a megatron-core checkpoint.
@@ -124,8 +124,9 @@ def write_checkpoint(
         padded_vocab: rows of the embedding / output layer on disk. Megatron loads
             them at any other padding (its vocab tensors allow a shape mismatch).
         dtype: cast every tensor to this dtype (default: keep).
-        shape_of: ``canonical megatron name -> full shape`` without reading data;
-            default builds the tensor once (fine for small models only).
+        meta_of: ``canonical megatron name -> (full shape, stored dtype)`` without
+            reading data; default builds the tensor once (fine for small models only).
+            The dtype is what ``get`` returns (before ``dtype`` casts it).
         on_tensor: ``(canonical name, tensor)`` for each tensor as it is written
             (progress, hashing).
 
@@ -149,13 +150,13 @@ def write_checkpoint(
     items = []
     for canonical in rules:
         key, layer = sharded_key(canonical)
-        if shape_of is not None:
-            shape, dt = shape_of(canonical), dtype
+        if meta_of is not None:
+            shape, dt = meta_of(canonical)
+            dt = dtype or dt
         else:
             probe = build(canonical)
             shape, dt = tuple(probe.shape), probe.dtype
             del probe
-        dt = dt or torch.float32
         if layer is None:
             gshape, offsets, sizes = shape, (0,) * len(shape), shape
         else:
@@ -180,8 +181,10 @@ def write_checkpoint(
     def fetch(index: MetadataIndex) -> torch.Tensor:
         c = chunks[(index.fqn, tuple(index.offset))]
         t = build(c.canonical)
-        if tuple(t.shape) != c.shape:
-            raise ValueError(f"{c.canonical}: got shape {tuple(t.shape)}, planned {c.shape}")
+        if tuple(t.shape) != c.shape or t.dtype != dtypes[c.key]:
+            raise ValueError(
+                f"{c.canonical}: got {t.dtype} {tuple(t.shape)}, planned {dtypes[c.key]} {c.shape}"
+            )
         return t if c.layer is None else t.unsqueeze(0)
 
     out_dir = Path(out_dir)

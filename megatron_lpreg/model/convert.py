@@ -79,6 +79,9 @@ class HFShards:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._file(name).dtype(name)
+
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).read(name)
 
@@ -134,7 +137,7 @@ def hf_to_megatron(
             tmp,
             padded_vocab=padded,
             dtype=cast,
-            shape_of=lambda n: megatron_shape(n, rules[n], shapes, padded),
+            meta_of=lambda n: (megatron_shape(n, rules[n], shapes, padded), shards.dtype(hf_names(rules[n])[0])),
             on_tensor=written_tensor,
         )
         bar.close()

@@ -135,6 +135,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return _FROM_STR[self.entries[name]["dtype"]]
+
     def read(self, name: str) -> torch.Tensor:
         e = self.entries[name]
         dtype = _FROM_STR[e["dtype"]]

@@ -205,3 +205,20 @@ def test_command_lines(hf_dirs, tmp_path):
     assert json.loads((tmp_path / "h" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     r = run("convert_megatron_to_hf.py", "--megatron-dir", str(tmp_path / "m"), "--out", str(tmp_path / "h"))
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_bf16_checkpoint_stays_bf16_and_bit_identical(hf_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    src, original = hf_dirs["qwen2"]
+    d = tmp_path / "bf16"
+    d.mkdir()
+    shutil.copy2(src / "config.json", d / "config.json")
+    bf16 = {k: v.to(torch.bfloat16) for k, v in original.items()}
+    save_file(bf16, str(d / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_megatron(d, tmp_path / "m", progress=False)
+    megatron_to_hf(tmp_path / "m", tmp_path / "h", progress=False)
+    back = _read_hf_dir(tmp_path / "h")
+    assert back.keys() == bf16.keys()
+    for k, t in bf16.items():
+        assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], t), k
