@@ -227,20 +227,25 @@ class _Blocks:
         return [b[:rows] for b in self.bufs]
 
 
-def _shifted(logits2d, a, b, shard, temperature, m_block, out):
-    """out <- x / T - m for rows [a, b): ``d``, fp32 (the caller's logits untouched)."""
-    x = logits2d[a:b, : shard.n_valid]
+def _shift_into(x: torch.Tensor, m: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
+    """out <- x / T - m (``d``) in out's dtype; x ``[rows, n_valid]`` is only read.
+    The single place d is computed, so a recomputation reproduces it bit for bit."""
     if x.dtype == out.dtype:
         if temperature != 1.0:
-            torch.div(x, temperature, out=out).sub_(m_block.unsqueeze(1))
+            torch.div(x, temperature, out=out).sub_(m.unsqueeze(1))
         else:
-            torch.sub(x, m_block.unsqueeze(1), out=out)
+            torch.sub(x, m.unsqueeze(1), out=out)
     else:  # half precision: convert first so that the arithmetic is fp32
         out.copy_(x)
         if temperature != 1.0:
             out.div_(temperature)
-        out.sub_(m_block.unsqueeze(1))
+        out.sub_(m.unsqueeze(1))
     return out
+
+
+def _shifted(logits2d, a, b, shard, temperature, m_block, out):
+    """d for rows [a, b) into the block temporary ``out``."""
+    return _shift_into(logits2d[a:b, : shard.n_valid], m_block, temperature, out)
 
 
 def _target_columns(target: torch.Tensor, shard: _Shard):
@@ -258,13 +263,11 @@ def _pick(d: torch.Tensor, col: torch.Tensor, owned: torch.Tensor) -> torch.Tens
 
 
 def _redo_d(logits2d, a, b, shard, temperature, m_block, rows: torch.Tensor) -> torch.Tensor:
-    """d = x / T - m afresh for the selected rows of block [a, b) (rare fallbacks,
-    after the block temporaries were overwritten in place)."""
+    """d afresh for the selected rows of block [a, b) (rare fallbacks, after the
+    block temporaries were overwritten in place)."""
     idx = rows.nonzero().squeeze(1)
-    x = logits2d[a:b, : shard.n_valid][idx].to(shard.dtype)
-    if temperature != 1.0:
-        x = x / temperature
-    return x - m_block[idx].unsqueeze(1)
+    x = logits2d[a:b, : shard.n_valid][idx]
+    return _shift_into(x, m_block[idx], temperature, torch.empty(x.shape, dtype=shard.dtype, device=x.device))
 
 
 def _exp_sums(d: torch.Tensor, e: torch.Tensor, redo):
@@ -442,6 +445,14 @@ def token_stats(
 # autograd pass (the update): log-prob and entropy with gradients
 
 
+def _grad_buffer(logits2d: torch.Tensor, shard: _Shard) -> torch.Tensor:
+    """Gradient w.r.t. the shard: the blocked backward writes every valid column, so
+    only the padded columns are zeroed here (not a full extra pass over the logits)."""
+    grad = torch.empty_like(logits2d)
+    grad[:, shard.n_valid :] = 0
+    return grad
+
+
 class _VocabParallelLogProb(torch.autograd.Function):
     """Blocked log pi(y) (and H) with grad w.r.t. the logits shard.
 
@@ -490,7 +501,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
         use_h = with_entropy and g_h is not None and g_h.numel() == n
         if g_lp is None:
             g_lp = torch.zeros(n, dtype=shard.dtype, device=logits2d.device)
-        grad = torch.zeros_like(logits2d)  # padded columns keep zero gradient
+        grad = _grad_buffer(logits2d, shard)
         blocks = _Blocks(shard, logits2d.device)
         col, owned = _target_columns(target1d, shard)
         for a, b in _spans(0, n, shard.block):
@@ -591,7 +602,7 @@ class _MinpProxyKL(torch.autograd.Function):
     def backward(ctx, g):
         logits2d, saved = ctx.saved_tensors
         temperature, thr, shard = ctx.cfg
-        grad = torch.zeros_like(logits2d)
+        grad = _grad_buffer(logits2d, shard)
         blocks = _Blocks(shard, logits2d.device)
         for a, b in _spans(0, logits2d.shape[0], shard.block):
             d, p = blocks.get(b - a)
