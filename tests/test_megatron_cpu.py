@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_lpreg import platform
+from megatron_lpreg.model.builder import global_layer_name
 from megatron_lpreg.tp_layout import gather_full, shard_of, tp_partition, unshard
 from tests.distributed import Layout, RankFailed, run_ranks
 
@@ -50,13 +51,6 @@ def _build_gpt():
     )
 
 
-def _global_name(model, name: str) -> str:
-    """Parameter name in the single-stage model: local layer i -> its global number."""
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
-    return ".".join(parts)
-
 
 def _batch():
     g = torch.Generator().manual_seed(7)
@@ -80,7 +74,7 @@ def _loss_and_grads(full_weights: dict | None):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 part = tp_partition(p)
-                w = full_weights[_global_name(model, name)]
+                w = full_weights[global_layer_name(model, name)]
                 p.copy_(w if part is None else shard_of(w, rank, tp, *part))
 
     tokens, labels = _batch()
@@ -164,7 +158,7 @@ def _pipeline_loss_and_grads(full_weights: dict):
     model = _build_gpt()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(full_weights[_global_name(model, name)])
+            p.copy_(full_weights[global_layer_name(model, name)])
     tokens, labels = _batch()
     pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
 
@@ -186,7 +180,7 @@ def _pipeline_loss_and_grads(full_weights: dict):
         micro_batch_size=BATCH,
         forward_only=False,
     )
-    grads = {_global_name(model, n): p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {global_layer_name(model, n): p.grad.detach().clone() for n, p in model.named_parameters()}
     loss = losses[0]["loss"].item() if ps.is_pipeline_last_stage() else None
     return loss, grads
 

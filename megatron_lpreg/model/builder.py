@@ -131,11 +131,18 @@ def build_gpt(
     return model
 
 
-def canonical_name(model, name: str, spec: ModelSpec) -> str:
-    """Local parameter name of this shard -> the full model's canonical name."""
+def global_layer_name(model, name: str) -> str:
+    """``decoder.layers.<local i>...`` of a pipeline stage -> the global layer number."""
     parts = name.split(".")
     if parts[:2] == ["decoder", "layers"]:
         parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def canonical_name(model, name: str, spec: ModelSpec) -> str:
+    """Local parameter name of this shard -> the full model's canonical name."""
+    parts = global_layer_name(model, name).split(".")
+    if parts[:2] == ["decoder", "layers"]:
         rest = ".".join(parts[3:])
         for local, te in TE_RENAMES.items():
             if rest == te:
