@@ -75,41 +75,47 @@ def hf_reference():
     return out
 
 
-def _megatron_logits(cases: dict):
-    """Every rank: build each family, load HF weights, forward; the last stage's
-    TP rank 0 returns the full-vocabulary logits [b, s, V]."""
+def full_logits(model, spec):
+    """Every rank: a forward through megatron's pipeline schedule on the shared test
+    batch; the last stage's TP rank 0 returns the full-vocabulary logits [b, s, V],
+    every other rank None."""
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
     from megatron_lpreg.tp_layout import gather_full
+
+    tokens, pos = _tokens(), torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+
+    def step(_it, m):
+        return m(tokens, pos, None), None  # no loss: the schedule keeps the output
+
+    with torch.no_grad():
+        data = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+            seq_length=SEQ, micro_batch_size=BATCH, forward_only=True,
+        )
+    if not ps.is_pipeline_last_stage():
+        return None
+    full = gather_full(data[0], 2, 1, ps.get_tensor_model_parallel_group())  # [b, s, V/tp] -> [b, s, V]
+    return full[..., : spec.vocab_size].clone() if ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+def _megatron_logits(cases: dict):
+    """Every rank: build each family, load HF weights, forward."""
+    from megatron.core import tensor_parallel
+
+    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
 
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    tokens = _tokens()
-    pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
     results = {}
     for name, (cfg, state) in cases.items():
         spec = spec_from_hf_config(cfg)
         model = build_gpt(spec).eval()
         load_hf_weights(model, spec, state.__getitem__)
-
-        def step(_it, m):
-            def keep(out, non_loss_data=True):
-                return out
-            return m(tokens, pos, None), keep
-
-        with torch.no_grad():
-            data = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-                seq_length=SEQ, micro_batch_size=BATCH, forward_only=True, collect_non_loss_data=True,
-            )
-        if ps.is_pipeline_last_stage():
-            local = data[0]  # [b, s, V/tp]
-            full = gather_full(local, local.dim() - 1, 1, ps.get_tensor_model_parallel_group())
-            if ps.get_tensor_model_parallel_rank() == 0:
-                results[name] = full[..., : spec.vocab_size].clone()
+        logits = full_logits(model, spec)
+        if logits is not None:
+            results[name] = logits
     return results
 
 

@@ -17,7 +17,7 @@ from megatron_lpreg.model import convert
 from megatron_lpreg.model.convert import ConversionError, hf_to_megatron, megatron_to_hf
 from megatron_lpreg.model.hf_config import UnsupportedConfig
 from tests.distributed import Layout, run_ranks
-from tests.model.test_parity import BATCH, SEQ, _hf_configs, _hf_model, _tokens
+from tests.model.test_parity import _hf_configs, _hf_model, full_logits
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -52,28 +52,12 @@ def _megatron_side(cases: dict):
     TP=1: load both the converted and the re-saved checkpoint."""
     from megatron.core import dist_checkpointing, tensor_parallel
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.checkpoint import load_into
     from megatron_lpreg.model.hf_config import spec_from_hf_config
-    from megatron_lpreg.tp_layout import gather_full
 
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    tokens, pos = _tokens(), torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
-
-    def logits(model, spec):
-        def step(_it, m):
-            return m(tokens, pos, None), None
-
-        with torch.no_grad():
-            data = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter([None]), model=[model], num_microbatches=1,
-                seq_length=SEQ, micro_batch_size=BATCH, forward_only=True)
-        if not ps.is_pipeline_last_stage():
-            return None
-        full = gather_full(data[0], 2, 1, ps.get_tensor_model_parallel_group())
-        return full[..., : spec.vocab_size] if ps.get_tensor_model_parallel_rank() == 0 else None
 
     out = {}
     for name, (cfg, converted, resaved) in cases.items():
@@ -81,12 +65,12 @@ def _megatron_side(cases: dict):
         model = build_gpt(spec).eval()
         load_into(model, converted)
         if ps.get_tensor_model_parallel_world_size() > 1:
-            out[name] = logits(model, spec)
+            out[name] = full_logits(model, spec)
             dist_checkpointing.save(model.sharded_state_dict(), resaved)
         else:
-            first = logits(model, spec)
+            first = full_logits(model, spec)
             load_into(model, resaved)
-            out[name] = (first, logits(model, spec))
+            out[name] = (first, full_logits(model, spec))
     return out
 
 
