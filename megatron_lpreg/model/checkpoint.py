@@ -112,8 +112,8 @@ def write_checkpoint(
     out_dir: str | Path,
     *,
     padded_vocab: int,
+    meta_of: Callable[[str], tuple[tuple[int, ...], torch.dtype]],
     dtype: torch.dtype | None = None,
-    meta_of: Callable[[str], tuple[tuple[int, ...], torch.dtype]] | None = None,
     on_tensor: Callable[[str, torch.Tensor], None] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Write the model weights held by HF tensors as a megatron-core checkpoint.
@@ -123,10 +123,10 @@ def write_checkpoint(
         out_dir: an existing empty directory.
         padded_vocab: rows of the embedding / output layer on disk. Megatron loads
             them at any other padding (its vocab tensors allow a shape mismatch).
+        meta_of: ``canonical megatron name -> (full shape, stored dtype)``, known
+            without reading data (the plan is made before any tensor is read). The
+            dtype is what ``get`` returns (before ``dtype`` casts it).
         dtype: cast every tensor to this dtype (default: keep).
-        meta_of: ``canonical megatron name -> (full shape, stored dtype)`` without
-            reading data; default builds the tensor once (fine for small models only).
-            The dtype is what ``get`` returns (before ``dtype`` casts it).
         on_tensor: ``(canonical name, tensor)`` for each tensor as it is written
             (progress, hashing).
 
@@ -150,21 +150,15 @@ def write_checkpoint(
     items = []
     for canonical in rules:
         key, layer = sharded_key(canonical)
-        if meta_of is not None:
-            shape, dt = meta_of(canonical)
-            dt = dtype or dt
-        else:
-            probe = build(canonical)
-            shape, dt = tuple(probe.shape), probe.dtype
-            del probe
+        shape, dt = meta_of(canonical)
+        dt = dtype or dt
         if layer is None:
             gshape, offsets, sizes = shape, (0,) * len(shape), shape
         else:
             gshape = (spec.num_layers, *shape)
             offsets, sizes = (layer,) + (0,) * len(shape), (1, *shape)
-        if global_shapes.setdefault(key, gshape) != gshape:
-            raise ValueError(f"{canonical}: shape {shape} differs from other layers of {key}")
-        dtypes[key] = dt
+        if global_shapes.setdefault(key, gshape) != gshape or dtypes.setdefault(key, dt) != dt:
+            raise ValueError(f"{canonical}: {dt} {shape} differs from other layers of {key}")
         chunks[(key, offsets)] = _Chunk(key, layer, canonical, shape)
         items.append(
             WriteItem(
