@@ -96,6 +96,12 @@ def check_hf_weights(spec: ModelSpec, shards: HFShards) -> None:
             )
 
 
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for fname in TOKENIZER_FILES:
+        if (src / fname).is_file():
+            shutil.copy2(src / fname, dst / fname)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -154,9 +160,7 @@ def hf_to_megatron(
             tensor_sha256=hashes,
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        for fname in TOKENIZER_FILES:  # so that the reverse direction can restore them
-            if (hf_dir / fname).is_file():
-                shutil.copy2(hf_dir / fname, tmp / fname)
+        _copy_tokenizer_files(hf_dir, tmp)  # so that the reverse direction can restore them
     return meta
 
 
@@ -223,7 +227,5 @@ def megatron_to_hf(
             out_cfg["torch_dtype"] = out_cfg["dtype"] = str(cast).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2, default=str))
         if extras_dir is not None:
-            for fname in TOKENIZER_FILES:
-                if (extras_dir / fname).is_file():
-                    shutil.copy2(extras_dir / fname, tmp / fname)
+            _copy_tokenizer_files(extras_dir, tmp)
     return weight_map
