@@ -34,16 +34,9 @@ import time
 from pathlib import Path
 
 import torch
+from proc_status import status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def make_checkpoint(d: Path, args) -> tuple[int, int]:
@@ -116,13 +109,13 @@ def _worker(kind: str, src: str, dst: str) -> None:
     else:
         from convert_megatron_to_hf import main
         argv = ["--megatron-dir", src, "--out", dst, "--no-progress"]
-    base = _rss("VmRSS")
+    base = status_bytes("VmRSS")
     os.sync()  # start with no dirty pages from earlier phases
     t0 = time.perf_counter()
     rc = main(argv)
     os.sync()  # done means on disk, as for the plain copy
     dt = time.perf_counter() - t0
-    print(json.dumps(dict(rc=rc, seconds=dt, peak_rss_rise=_rss("VmHWM") - base, base_rss=base)))
+    print(json.dumps(dict(rc=rc, seconds=dt, peak_rss_rise=status_bytes("VmHWM") - base, base_rss=base)))
 
 
 def run_worker(kind: str, src: Path, dst: Path) -> dict:

@@ -35,6 +35,7 @@ import sys
 import time
 
 import torch
+from proc_status import status_bytes
 
 from megatron_lpreg.local_ranks import Layout, run_ranks
 
@@ -42,14 +43,6 @@ KAPPA = 0.02
 
 
 # --------------------------------------------------------------------------- memory
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 @functools.cache
@@ -74,13 +67,13 @@ class _Peak:
             _libc().malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            self.base = _rss_bytes("VmRSS")
+            self.base = status_bytes("VmRSS")
 
     def extra(self) -> int:
         if self.cuda:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - self.base
-        return _rss_bytes("VmHWM") - self.base
+        return status_bytes("VmHWM") - self.base
 
 
 # --------------------------------------------------------------------------- methods
