@@ -118,12 +118,10 @@ def run_ranks(
                     f"ranks {sorted(set(range(n)) - set(results) - set(errors))} did not finish "
                     f"within {timeout:.0f}s (layout {layout})"
                 ) from None
-            if ok:
-                results[rank] = pickle.loads(payload)
-            else:
-                errors[rank] = payload
             if not ok:
+                errors[rank] = payload
                 break  # the other ranks are probably blocked in a collective
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
