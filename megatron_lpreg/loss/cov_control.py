@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
-from megatron_lpreg.loss.ppo import tis_weights
+from megatron_lpreg.loss.ppo import clipped_surrogate, tis_weights
 
 
 def _cov(advantages, log_prob, mask):
@@ -56,9 +56,9 @@ def clip_cov_selection(log_prob, old_log_prob, advantages, response_mask, *, cli
     """Bool ``[batch, len]``: the tokens Clip-Cov removes from the gradient."""
     valid = response_mask > 0
     ratio = torch.exp(log_prob.detach() - old_log_prob)
-    pg1, pg2 = -advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    _, clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
     cov = _cov(advantages, log_prob, response_mask)
-    cand = valid & ~(pg2 > pg1) & (cov > lb) & (cov < ub)
+    cand = valid & ~clipped & (cov > lb) & (cov < ub)
     picked = torch.zeros_like(valid)
     idx = cand.reshape(-1).nonzero().squeeze(1)
     if len(idx):
@@ -76,7 +76,7 @@ def clip_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, clip_low
     dropped = clip_cov_selection(log_prob, old_log_prob, advantages, response_mask, clip_low=clip_low,
                                  clip_high=clip_high, clip_ratio=clip_ratio, lb=lb, ub=ub, generator=generator)
     ratio = torch.exp(log_prob - old_log_prob)
-    pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high))
+    pg, _ = clipped_surrogate(ratio, advantages, clip_low, clip_high)
     pg = torch.where(dropped, torch.zeros_like(pg), pg)
     w = tis_weights(old_log_prob, rollout_log_prob, tis_cap)
     if w is not None:

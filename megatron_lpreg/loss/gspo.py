@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
-from megatron_lpreg.loss.ppo import tis_weights
+from megatron_lpreg.loss.ppo import clipped_surrogate, tis_weights
 
 
 def gspo_loss(
@@ -37,12 +37,10 @@ def gspo_loss(
     seq_log_ratio = diff.sum(-1) / mask.sum(-1).clamp(min=1)
     log_s = log_prob - log_prob.detach() + seq_log_ratio.detach().unsqueeze(-1)
     s = torch.exp(log_s.clamp(max=10.0))
-    pg1 = -advantages * s
-    pg2 = -advantages * s.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
+    pg, clipped = clipped_surrogate(s, advantages, clip_low, clip_high)
     w = tis_weights(old_log_prob, rollout_log_prob, tis_cap)
     if w is not None:
         pg = pg * w
     loss = aggregate(pg, response_mask, loss_agg_mode)
     n = max(int(mask.sum()), 1)
-    return loss, entropy_metric({"pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / n}, entropy, response_mask)
+    return loss, entropy_metric({"pg_clipfrac": float((clipped & mask).sum()) / n}, entropy, response_mask)

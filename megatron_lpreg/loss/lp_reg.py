@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
-from megatron_lpreg.loss.ppo import tis_weights
+from megatron_lpreg.loss.ppo import clipped_surrogate, tis_weights
 from megatron_lpreg.ops.global_select import global_count, kth_smallest
 
 KL_TYPES = ("low_var_kl", "kl", "abs", "mse")
@@ -138,9 +138,7 @@ def lp_reg_loss(
     """
     mask = response_mask > 0
     ratio = torch.exp(log_prob - old_log_prob)
-    pg1 = -advantages * ratio
-    pg2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
+    pg, clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
 
     neg, pos = mask & (advantages < 0), mask & (advantages > 0)
     if thresholds is None:
@@ -166,7 +164,7 @@ def lp_reg_loss(
         n_valid = int(mask.sum())
         n_reg = int(regularised.sum())
         metrics = {
-            "pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / max(n_valid, 1),
+            "pg_clipfrac": float((clipped & mask).sum()) / max(n_valid, 1),
             "lp_reg/selected_tokens": int(selected.sum()),
             "lp_reg/regularised_tokens": n_reg,
             "lp_reg/regularised_share": n_reg / max(n_valid, 1),

@@ -18,6 +18,14 @@ import torch
 from megatron_lpreg.loss.aggregation import aggregate, entropy_metric
 
 
+def clipped_surrogate(ratio, advantages, clip_low: float, clip_high: float):
+    """``pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` per token, and the
+    mask of tokens where the clipped branch is the larger (the clip fraction's numerator)."""
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(pg1, pg2), pg2 > pg1
+
+
 def tis_weights(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor | None, cap: float | None):
     """``[B, T]`` detached truncated importance weights, or None when disabled."""
     if cap is None or rollout_log_prob is None:
@@ -47,9 +55,7 @@ def ppo_clip_loss(
         raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
     mask = response_mask > 0
     ratio = torch.exp(torch.clamp(log_prob - old_log_prob, -20.0, 20.0))
-    pg1 = -advantages * ratio
-    pg2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)
+    pg, clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
     lower = torch.zeros_like(mask)
     if dual_clip is not None:
         pg3 = -advantages * dual_clip
@@ -61,7 +67,7 @@ def ppo_clip_loss(
     loss = aggregate(pg, response_mask, loss_agg_mode)
     n = max(int(mask.sum()), 1)
     metrics = {
-        "pg_clipfrac": float(((pg2 > pg1) & mask).sum()) / n,
+        "pg_clipfrac": float((clipped & mask).sum()) / n,
         "pg_clipfrac_lower": float((lower & mask).sum()) / n,
     }
     return loss, entropy_metric(metrics, entropy, response_mask)
