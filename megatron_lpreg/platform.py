@@ -3,8 +3,9 @@
 megatron-core hard-codes CUDA in a few places that matter at toy size:
 ``torch.cuda.current_device()`` as a tensor-factory device, the CUDA RNG state
 functions of its RNG tracker, ``device="cuda"`` factories and ``.cuda()`` calls
-in the pipeline schedules, and ``torch.cuda.synchronize()`` around p2p
-communication. :func:`install_cpu_shims` redirects exactly those to the CPU.
+in the pipeline schedules, ``torch.cuda.synchronize()`` around p2p
+communication, and ``Tensor.type() == 'torch.cuda.FloatTensor'`` assertions in
+its optimiser. :func:`install_cpu_shims` redirects exactly those to the CPU.
 
 It is a no-op when CUDA is available, so the same code runs unchanged on GPU
 machines. It touches process-wide state (``torch.cuda`` attributes, one
@@ -37,10 +38,15 @@ def _is_cuda_device(device) -> bool:
 
 
 class _CudaFactoriesToCpu(TorchFunctionMode):
-    """Maps ``device="cuda"``/``cuda:N`` and ``Tensor.cuda()`` onto the CPU."""
+    """Maps ``device="cuda"``/``cuda:N`` and ``Tensor.cuda()`` onto the CPU, and
+    makes ``Tensor.type()`` (no argument) name CPU tensors as CUDA ones: megatron's
+    optimiser and grad clipping assert ``param.type() == 'torch.cuda.FloatTensor'``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:

@@ -118,6 +118,8 @@ class VLLMEngine(RolloutEngine):
             logging.getLogger(n).setLevel(logging.ERROR)
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+            # cached prefixes hold keys/values of the old weights
+            self.llm.reset_prefix_cache()
         finally:
             for n, lvl in levels.items():
                 logging.getLogger(n).setLevel(lvl)

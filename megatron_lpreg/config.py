@@ -1,0 +1,238 @@
+"""Run configuration: typed dataclasses, loaded from YAML, overridden by ``key=value``.
+
+    cfg = load_config("examples/tiny_cpu.yaml", ["algo.loss=grpo", "train.steps=20"])
+
+Unknown keys and values of the wrong type are errors (a typo must not silently
+run the default). The resolved config is written next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    hf_dir: str = ""              # HF model directory (config.json + safetensors)
+    params_dtype: str = "float32"  # float32 | bfloat16
+    tokenizer_dir: str = ""       # defaults to hf_dir
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""
+    prompt_key: str = "prompt"          # chat messages (list of {role, content}) or a plain string
+    answer_key: str = "reward_model.ground_truth"  # dotted path into the row
+    max_prompt_tokens: int = 512        # longer prompts are left-truncated
+    apply_chat_template: bool = True
+    shuffle_seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"          # vllm | torch
+    prompts_per_step: int = 8
+    n: int = 8                    # samples per prompt (the GRPO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    gpu_memory_utilization: float = 0.5
+    sync_bucket_mb: int = 256
+
+
+@dataclass
+class AlgoConfig:
+    loss: str = "lp_reg"          # lp_reg | grpo | gspo | kl_cov | clip_cov
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    loss_agg_mode: str = "token-mean"
+    norm_adv_by_std: bool = True
+    # Lp-Reg
+    neg_percent: float = 0.01     # rho: lowest-probability share of A<0 tokens considered
+    pos_percent: float = 0.0
+    kl_coef: float = 1.0          # beta
+    kl_type: str = "low_var_kl"
+    proxy: str = "minp"           # minp | minp_soft | fixed
+    proxy_threshold: float = 0.02  # kappa
+    selection_scope: str = "global"  # global | micro_batch
+    # entropy baselines
+    entropy_coef: float = 0.0     # > 0: entropy bonus
+    high_entropy_fraction: float = 1.0  # < 1: 80/20 (gradient only through the top fraction)
+    # PPO structure
+    ppo_epochs: int = 1
+    mini_batches: int = 1         # optimiser steps per rollout batch and epoch
+    micro_token_budget: int = 4096  # padded tokens per micro-batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: str = "constant"    # constant | cosine (after warm-up)
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised steps on the dataset's reference solutions before RL (tiny demo)."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 32
+    solution_key: str = "extra_info.solution"
+
+
+@dataclass
+class RewardConfig:
+    workers: int = 2
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1
+    out_dir: str = "runs/run"
+    save_every: int = 10
+    keep_last: int = 2
+    max_bad_steps: int = 3        # NaN/inf steps in a row before stopping
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where!r}; known: {sorted(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} is a section; got {value!r}")
+            _apply(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b.c=v"`` -> ``{"a": {"b": {"c": v}}}``; ``v`` is read as YAML (numbers, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    cfg = RunConfig()
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        _apply(cfg, data)
+    for o in overrides:
+        _apply(cfg, parse_override(o))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    from megatron_lpreg.loss.registry import POLICY_LOSSES
+
+    a = cfg.algo
+    checks = [
+        (a.loss in POLICY_LOSSES, f"algo.loss={a.loss!r} is not one of {sorted(POLICY_LOSSES)}"),
+        (a.selection_scope in ("global", "micro_batch"), "algo.selection_scope must be global or micro_batch"),
+        (0 < a.high_entropy_fraction <= 1, "algo.high_entropy_fraction must be in (0, 1]"),
+        (cfg.rollout.engine in ("vllm", "torch"), "rollout.engine must be vllm or torch"),
+        (cfg.rollout.n >= 1 and cfg.rollout.prompts_per_step >= 1, "rollout.n and prompts_per_step must be >= 1"),
+        (a.mini_batches >= 1 and a.ppo_epochs >= 1, "algo.mini_batches and ppo_epochs must be >= 1"),
+        (cfg.model.params_dtype in ("float32", "bfloat16"), "model.params_dtype must be float32 or bfloat16"),
+        (cfg.optim.schedule in ("constant", "cosine"), "optim.schedule must be constant or cosine"),
+        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

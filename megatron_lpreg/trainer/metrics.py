@@ -1,0 +1,78 @@
+"""Per-step metrics: a JSONL file (the record of a run) plus TensorBoard scalars.
+
+One rank writes (the last pipeline stage's first TP/DP rank, where the losses
+live); others hold a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, rollout_logprob: torch.Tensor,
+                         mask: torch.Tensor) -> dict[str, float]:
+    """Sums over this rank's response tokens (``[N, L]`` tensors, ``mask`` 1 on them);
+    the caller all-reduces and divides by ``tokens``. "Sparks": sampled tokens the
+    policy gave p < 0.1 / p < 0.01."""
+    m = mask > 0
+    lp = old_logprob[m].double()
+    diff = (lp - rollout_logprob[m].double()).abs()
+    return {
+        "tokens": float(m.sum()),
+        "entropy": float(old_entropy[m].double().sum()),
+        "spark_p_lt_0.1": float((lp < math.log(0.1)).sum()),
+        "spark_p_lt_0.01": float((lp < math.log(0.01)).sum()),
+        "mismatch_abs": float(diff.sum()),
+        "mismatch_gt_0.1": float((diff > 0.1).sum()),
+    }
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: str | Path | None, *, tensorboard: bool = True):
+        self.enabled = out_dir is not None
+        self.path = None
+        self.tb = None
+        if not self.enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a missing one must not stop training
+                self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint (they will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) <= step]
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,170 @@
+"""The policy update: PPO epochs over mini-batches of micro-batches, one optimiser step per mini-batch.
+
+Loss normalisation. The reference's ``token-mean`` is a mean over the tokens of
+the *mini-batch*. Megatron's schedule divides each micro-batch loss by the
+number of micro-batches and DDP averages gradients over data-parallel ranks, so
+each micro-batch loss is multiplied by ``units_mb / units_global * n_micro * dp``
+(units: tokens for ``token-mean``, sequences for the sequence-mean modes). With
+that, micro-batch packing and DP size do not change the gradient.
+
+Lp-Reg's ``global`` selection scope ranks the old-policy log-probs of the whole
+mini-batch (all micro-batches, all DP ranks) before the first backward: on the
+first epoch of an on-policy step they equal the current log-probs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lpreg.config import AlgoConfig
+from megatron_lpreg.loss.entropy_control import entropy_bonus, high_entropy_mask
+from megatron_lpreg.loss.lp_reg import global_thresholds
+from megatron_lpreg.loss.registry import get_policy_loss
+from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
+from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
+from megatron_lpreg.trainer.batching import Sequences, token_budget_micro_batches
+
+
+@dataclass
+class UpdateBatch:
+    """This rank's rows on the ``[N, L]`` grid: sequences, per-token advantages,
+    old-policy stats and the sampler's log-probs (all fp32 except masks)."""
+
+    seqs: Sequences
+    advantages: torch.Tensor
+    old_logprob: torch.Tensor
+    old_entropy: torch.Tensor
+    proxy_logprob: torch.Tensor
+    rollout_logprob: torch.Tensor
+
+
+def _loss_kwargs(fn, algo: AlgoConfig) -> dict:
+    available = {
+        "clip_low": algo.clip_low, "clip_high": algo.clip_high, "loss_agg_mode": algo.loss_agg_mode,
+        "neg_percent": algo.neg_percent, "pos_percent": algo.pos_percent, "kl_coef": algo.kl_coef,
+        "kl_type": algo.kl_type,
+    }
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in available.items() if k in params}
+
+
+def _all_finite(model, local_bad: bool) -> bool:
+    """All ranks agree whether the loss and every gradient are finite (one all-reduce)."""
+    bad = torch.tensor([1.0 if local_bad else 0.0])
+    for p in model.parameters():
+        g = getattr(p, "main_grad", None)
+        g = p.grad if g is None else g
+        if g is not None and not bool(torch.isfinite(g).all()):
+            bad.fill_(1.0)
+            break
+    bad = bad.to(next(model.parameters()).device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, vocab_size: int,
+                  temperature: float, mini_batch_rows: list[list[int]]) -> list[dict]:
+    """One pass (an epoch) over ``mini_batch_rows`` (row indices of ``batch`` per
+    optimiser step). Returns one metrics dict per mini-batch (filled on the last
+    pipeline stage; ``skipped`` everywhere)."""
+    from megatron.core import parallel_state as ps
+
+    loss_fn = get_policy_loss(algo.loss)
+    kwargs = _loss_kwargs(loss_fn, algo)
+    tp_group = ps.get_tensor_model_parallel_group()
+    dp_group = ps.get_data_parallel_group()
+    dp = ps.get_data_parallel_world_size()
+    device = next(model.parameters()).device
+    token_mean = algo.loss_agg_mode == "token-mean"
+    out = []
+    for rows in mini_batch_rows:
+        micro = token_budget_micro_batches(batch.seqs.lengths[rows], algo.micro_token_budget)
+        micro = [[rows[i] for i in m] for m in micro]
+        units = [float(batch.seqs.mask[m].sum()) if token_mean else float(len(m)) for m in micro]
+        total = torch.tensor([sum(units)], dtype=torch.float64)
+        dist.all_reduce(total, group=dp_group)
+        total_units = max(float(total.item()), 1.0)
+
+        thresholds = None
+        if algo.loss == "lp_reg" and algo.selection_scope == "global":
+            thresholds = global_thresholds(
+                [batch.old_logprob[m] for m in micro], [batch.advantages[m] for m in micro],
+                [batch.seqs.mask[m] for m in micro],
+                neg_percent=algo.neg_percent, pos_percent=algo.pos_percent, group=dp_group,
+            )
+
+        def on_logits(mb: MicroBatch, logits: torch.Tensor, n_micro=len(micro), thresholds=thresholds):
+            e = mb.extra
+            w = logits.shape[1]
+            logprob, entropy = vocab_parallel_logprob(
+                logits, e["targets"].to(logits.device), temperature=temperature, tp_group=tp_group,
+                vocab_size=vocab_size, with_entropy=True,
+            )
+            cut = lambda t: t[:, :w].to(logits.device)  # noqa: E731
+            mask = cut(e["mask"])
+            if algo.high_entropy_fraction < 1.0:
+                mask = high_entropy_mask(cut(e["old_entropy"]), mask, top_fraction=algo.high_entropy_fraction)
+            extra_kw = dict(kwargs)
+            if algo.loss == "lp_reg":
+                extra_kw["proxy_log_prob"] = cut(e["proxy_logprob"])
+                if thresholds is not None:
+                    extra_kw["thresholds"] = thresholds
+            loss, metrics = loss_fn(log_prob=logprob, old_log_prob=cut(e["old_logprob"]),
+                                    advantages=cut(e["advantages"]), response_mask=mask, entropy=entropy, **extra_kw)
+            if algo.entropy_coef > 0:
+                loss = entropy_bonus(loss, entropy, mask, coef=algo.entropy_coef, loss_agg_mode=algo.loss_agg_mode)
+            scale = e["units"] / total_units * n_micro * dp
+            metrics = dict(metrics, loss=float(loss.detach()), units=e["units"])
+            return loss * scale, metrics
+
+        mbs = []
+        for m, u in zip(micro, units, strict=True):
+            sub = batch.seqs.rows(m)
+            extra = {"targets": sub.targets, "mask": sub.mask, "units": u}
+            for k in ("advantages", "old_logprob", "old_entropy", "proxy_logprob"):
+                extra[k] = getattr(batch, k)[m]
+            mbs.append(MicroBatch(sub.tokens.to(device), extra))
+
+        _zero_grads(model, optimizer)
+        infos = run_micro_batches(model, mbs, on_logits, forward_only=False)
+        record = _merge(infos)
+        finite = _all_finite(model, not math.isfinite(record.get("loss", 0.0)))
+        if finite:
+            ok, grad_norm, _ = optimizer.step()
+            record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            record["skipped"] = 0 if ok else 1
+        else:
+            record["grad_norm"] = float("nan")
+            record["skipped"] = 1
+            record["skip_reason"] = "non-finite loss or gradients"
+            _zero_grads(model, optimizer)
+        out.append(record)
+    return out
+
+
+def _zero_grads(model, optimizer) -> None:
+    if hasattr(model, "zero_grad_buffer"):
+        model.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def _merge(infos: list[dict]) -> dict:
+    """Micro-batch metrics -> one record, weighted by each micro-batch's units."""
+    if not infos:
+        return {}
+    total = sum(i["units"] for i in infos) or 1.0
+    out: dict = {}
+    for key in infos[0]:
+        if key == "units":
+            continue
+        vals = [i[key] for i in infos if key in i]
+        if key.endswith("_tokens"):
+            out[key] = sum(vals)
+        else:
+            out[key] = sum(v * i["units"] for v, i in zip(vals, infos, strict=False)) / total
+    return out
