@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-stamp
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k vocab -x"`
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench clean-venv
+.PHONY: setup test lint bench demo clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,17 @@ test: setup lint
 bench: setup
 	$(PY) bench/vocab_parallel.py
 	$(PY) bench/convert.py
+	$(PY) bench/weight_sync.py
+
+# The tiny end-to-end Lp-Reg run (a fresh one each time: the previous demo run is replaced).
+DEMO_OUT ?= runs/tiny_cpu
+demo: setup
+	$(PY) tools/make_tiny_task.py --out runs/tiny_task
+	@if [ -d $(DEMO_OUT) ]; then echo "[demo] replacing the previous demo run in $(DEMO_OUT)"; rm -rf $(DEMO_OUT); fi
+	$(PY) -m megatron_lpreg.train --config examples/tiny_cpu.yaml train.out_dir=$(DEMO_OUT)
+	$(PY) tools/plot_run.py $(DEMO_OUT) --out $(DEMO_OUT)/curves.png --summary \
+		--metrics reward/mean reward/accuracy actor/entropy sparks/p_lt_0.1 sparks/p_lt_0.01 \
+		actor/lp_reg/regularised_share
 
 clean-venv:
 	rm -rf $(VENV)

@@ -31,7 +31,11 @@ def distributed_optimizer(optim: OptimConfig) -> bool:
 
 
 def wrap_ddp(gpt, cfg: RunConfig):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
 
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,

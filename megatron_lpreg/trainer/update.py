@@ -98,7 +98,10 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, voc
                 neg_percent=algo.neg_percent, pos_percent=algo.pos_percent, group=dp_group,
             )
 
-        def on_logits(mb: MicroBatch, logits: torch.Tensor, n_micro=len(micro), thresholds=thresholds):
+        n_micro = len(micro)
+
+        def on_logits(mb: MicroBatch, logits: torch.Tensor, n_micro=n_micro, thresholds=thresholds,
+                      total_units=total_units):
             e = mb.extra
             w = logits.shape[1]
             logprob, entropy = vocab_parallel_logprob(

@@ -1,0 +1,126 @@
+"""Plot training curves of one or several runs side by side, and print start/end numbers.
+
+    python tools/plot_run.py runs/tiny_cpu --out runs/tiny_cpu/curves.png
+    python tools/plot_run.py runs/grpo runs/lp_reg --labels GRPO Lp-Reg --out compare.png --summary
+
+Each run directory holds the ``metrics.jsonl`` the trainer writes. One panel per
+metric, one line per run (a moving average over ``--smooth`` steps, the raw
+values faint behind it). ``--summary`` prints a markdown table of each metric's
+mean over the first and the last ``--window`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+DEFAULT_METRICS = [
+    "reward/mean",
+    "reward/accuracy",
+    "actor/entropy",
+    "sparks/p_lt_0.1",
+    "sparks/p_lt_0.01",
+    "actor/lp_reg/regularised_share",
+    "response/length_mean",
+    "rollout/mismatch_abs_mean",
+]
+
+
+def load(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl" if run.is_dir() else run
+    if not path.exists():
+        raise SystemExit(f"no metrics at {path}")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        raise SystemExit(f"{path} is empty")
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def smooth(v: list[float], k: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(v):
+        acc += x
+        if i >= k:
+            acc -= v[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def summary_rows(runs: dict[str, list[dict]], metrics: list[str], window: int) -> list[tuple]:
+    out = []
+    for label, rows in runs.items():
+        for m in metrics:
+            _, v = series(rows, m)
+            if v:
+                w = min(window, len(v))
+                out.append((label, m, sum(v[:w]) / w, sum(v[-w:]) / w))
+    return out
+
+
+def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [m for m in metrics if any(series(r, m)[1] for r in runs.values())]
+    if not present:
+        raise SystemExit(f"none of {metrics} is in the metrics")
+    cols = 2 if len(present) > 1 else 1
+    rows_n = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, m in zip(axes.flat, present, strict=False):
+        for i, (label, rows) in enumerate(runs.items()):
+            s, v = series(rows, m)
+            if not v:
+                continue
+            color = f"C{i}"
+            ax.plot(s, v, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(s, smooth(v, k), color=color, label=label, linewidth=1.6)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl files)")
+    ap.add_argument("--labels", nargs="*", help="one label per run (default: directory names)")
+    ap.add_argument("--out", type=Path, required=True, help="PNG path")
+    ap.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
+    ap.add_argument("--smooth", type=int, default=5)
+    ap.add_argument("--summary", action="store_true", help="print start/end means as a markdown table")
+    ap.add_argument("--window", type=int, default=10)
+    a = ap.parse_args(argv)
+    labels = a.labels or [r.name if r.is_dir() else r.parent.name for r in a.runs]
+    if len(labels) != len(a.runs):
+        raise SystemExit(f"{len(a.runs)} runs but {len(labels)} labels")
+    runs = {lab: load(r) for lab, r in zip(labels, a.runs, strict=True)}
+    plot(runs, a.metrics, a.out, a.smooth)
+    if a.summary:
+        print(f"| run | metric | first {a.window} steps | last {a.window} steps |")
+        print("|---|---|---|---|")
+        for label, m, start, end in summary_rows(runs, a.metrics, a.window):
+            print(f"| {label} | {m} | {start:.4f} | {end:.4f} |")
+    print(f"plot: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
