@@ -28,6 +28,8 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"       # none | full (every layer recomputed in backward)
 
 
 @dataclass
@@ -227,6 +229,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.params_dtype in ("float32", "bfloat16"), "model.params_dtype must be float32 or bfloat16"),
         (cfg.optim.schedule in ("constant", "cosine"), "optim.schedule must be constant or cosine"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.parallel.recompute in ("none", "full"), "parallel.recompute must be none or full"),
     ]
     for ok, msg in checks:
         if not ok:

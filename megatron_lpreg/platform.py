@@ -20,6 +20,7 @@ tensor-parallel region gets its per-rank seed as on GPU).
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -69,6 +70,11 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -95,6 +101,15 @@ def install_cpu_shims() -> bool:
 
         mcore_random._get_cuda_rng_state = _cpu_get_rng_state
         mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+
+        # Activation recomputation re-runs the forward inside autograd's backward,
+        # where the function mode below is not on the stack: the one CUDA factory
+        # on that path (the default causal mask) is replaced directly.
+        from megatron.core.fusions import fused_softmax
+        from megatron.core.transformer import utils as mcore_utils
+
+        mcore_utils.get_default_causal_mask = _cpu_causal_mask
+        fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
         # Entered and never exited: the mode stays on this thread's stack for
         # the life of the process. CPU autograd runs backward on the calling

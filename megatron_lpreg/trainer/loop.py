@@ -26,12 +26,14 @@ from megatron_lpreg.rollout.engine import SamplingConfig
 from megatron_lpreg.rollout.weight_sync import WeightSync
 from megatron_lpreg.trainer.batching import pack_sequences, token_budget_micro_batches
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
+from megatron_lpreg.trainer.memory import estimate
 from megatron_lpreg.trainer.metrics import MetricsWriter, response_token_stats
 from megatron_lpreg.trainer.setup import (
     broadcast_object,
     is_logging_rank,
     make_engine,
     make_optimizer,
+    model_overrides,
     set_lr,
     wrap_ddp,
 )
@@ -65,7 +67,9 @@ def train(cfg: RunConfig) -> list[dict]:
     spec = load_spec(cfg.model.hf_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.params_dtype]
-    gpt = build_gpt(spec, params_dtype=dtype)
+    _log(f"memory estimate per GPU (see megatron_lpreg/trainer/memory.py):\n"
+         f"{estimate(spec, cfg, world_size=dist.get_world_size()).table()}")
+    gpt = build_gpt(spec, params_dtype=dtype, **model_overrides(cfg.parallel))
     load_hf_weights(gpt, spec, HFShards(cfg.model.hf_dir).get)
     examples = load_examples(cfg.data.train_path, tokenizer, prompt_key=cfg.data.prompt_key,
                              answer_key=cfg.data.answer_key, apply_chat_template=cfg.data.apply_chat_template,

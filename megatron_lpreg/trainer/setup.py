@@ -22,6 +22,21 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def model_overrides(par) -> dict:
+    """TransformerConfig overrides from ``parallel.*``. Sequence parallelism needs
+    Transformer Engine's norms (megatron's torch norm refuses it), so GPU only."""
+    from megatron_lpreg.model.builder import te_available
+
+    sp = par.sequence_parallel and par.tp > 1
+    if sp and not te_available():
+        raise ValueError("parallel.sequence_parallel needs Transformer Engine (a GPU install); "
+                         "set parallel.sequence_parallel=false here")
+    kw = {"sequence_parallel": sp}
+    if par.recompute == "full":
+        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return kw
+
+
 def distributed_optimizer(optim: OptimConfig) -> bool:
     """megatron's DistributedOptimizer only accepts CUDA tensors (it checks type
     names); on CPU the plain (replicated-state) optimiser is used instead."""

@@ -113,3 +113,21 @@ def test_plot_run_writes_png_and_summary(tmp_path, capsys):
     assert out.stat().st_size > 5000 and out.read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert "| b | reward/mean | 0.0600 | 0.3600 |" in text
+
+
+@pytest.mark.parametrize("name,model,params_b", [
+    ("qwen3_14b_lpreg_onpolicy", "qwen3_14b_base", 14.77),
+    ("qwen3_14b_lpreg_offpolicy", "qwen3_14b_base", 14.77),
+    ("qwen25_32b_lpreg_onpolicy", "qwen25_32b_base", 32.76),
+])
+def test_published_configs_fit_80gb_gpus(name, model, params_b):
+    from megatron_lpreg.model.hf_config import spec_from_hf_config
+    from megatron_lpreg.trainer.memory import estimate
+
+    cfg = load_config(CONFIG.parent / f"{name}.yaml")
+    spec = spec_from_hf_config(json.loads((CONFIG.parent / "model_configs" / f"{model}.json").read_text()))
+    spec.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    est = estimate(spec, cfg, world_size=64)
+    assert abs(est.params / 1e9 - params_b) < 0.01  # the published model sizes
+    assert est.training_gb < 80 and est.rollout_gb < 80
+    assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.proxy_threshold, cfg.algo.kl_coef) == (1.0, 9.0, 0.02, 1.0)

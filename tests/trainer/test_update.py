@@ -26,7 +26,7 @@ def _batch(n=12, seed=0):
     return UpdateBatch(seqs, adv, old, torch.rand(seqs.mask.shape, generator=g), old + 0.5, old)
 
 
-def _rank():
+def _rank(overrides=None):
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.config import RunConfig
@@ -40,7 +40,7 @@ def _rank():
     spec = spec_from_hf_config(CONFIG)
     cfg = RunConfig()
     cfg.optim.lr = 1e-3
-    model = wrap_ddp(build_gpt(spec), cfg)
+    model = wrap_ddp(build_gpt(spec, **(overrides or {})), cfg)
     opt = make_optimizer(model, cfg.optim)
     batch = _batch()
     rows = [list(range(12))]
@@ -66,6 +66,26 @@ def _rank():
     out["after_skipped"] = rec["skipped"]
     out["after_changed"] = not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     return out
+
+
+def _first_with_loss(res):
+    return res[0] if res[0].get("one_micro") is not None else res[1]
+
+
+def test_full_recompute_gives_the_same_gradient():
+    import pytest
+
+    from megatron_lpreg.config import ParallelConfig
+    from megatron_lpreg.model.builder import te_available
+    from megatron_lpreg.trainer.setup import model_overrides
+
+    plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), timeout=300))
+    if not te_available():
+        with pytest.raises(ValueError, match="Transformer Engine"):
+            model_overrides(ParallelConfig(tp=2, sequence_parallel=True))
+    kw = model_overrides(ParallelConfig(tp=2, sequence_parallel=te_available(), recompute="full"))
+    sp = _first_with_loss(run_ranks(_rank, Layout(tp=2), kw, timeout=300))
+    assert math.isclose(plain["one_micro"], sp["one_micro"], rel_tol=1e-5), (plain, sp)
 
 
 def test_update_packing_and_nan_skip():
