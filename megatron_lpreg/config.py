@@ -110,6 +110,20 @@ class RewardConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmarks (megatron_lpreg.eval) run every ``every_n_steps`` and by ``python -m megatron_lpreg.eval``."""
+
+    benchmarks: str = ""          # comma-separated: aime24,aime25,math500,minerva,olympiadbench
+    data_dir: str = ""            # holds <name>.jsonl or <name>.parquet
+    k: int = 1                    # samples per problem (avg@k, pass@k)
+    temperature: float = 0.0      # 0: greedy (the paper's in-training validation)
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    limit: int = 0                # problems per benchmark (0: all)
+    every_n_steps: int = 0        # 0: no evaluation during training
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     seed: int = 1
@@ -130,6 +144,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

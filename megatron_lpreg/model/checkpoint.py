@@ -190,9 +190,10 @@ def write_checkpoint(
     return global_shapes
 
 
-def load_into(model, path: str | Path) -> None:
+def load_into(model, path: str | Path, *, allow_extra: bool = False) -> None:
     """Load a checkpoint into this rank's model shard through megatron's own loader
-    (resharding to the current TP/PP). Every weight must be found; the per-layer
+    (resharding to the current TP/PP). Every weight must be found (``allow_extra``:
+    the checkpoint may hold more, e.g. a training checkpoint's optimiser); the per-layer
     ``_extra_state`` objects (Transformer Engine metadata) are loaded when the
     checkpoint has them (megatron saved it) and otherwise left as built
     (converted checkpoints carry weights only)."""
@@ -206,7 +207,8 @@ def load_into(model, path: str | Path) -> None:
         return not sh_key.endswith("._extra_state") or getattr(value, "key", None) in stored_objects
 
     sharded = {k: v for k, v in model.sharded_state_dict().items() if wanted(k, v)}
-    state = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
+    strict = StrictHandling.ASSUME_OK_UNEXPECTED if allow_extra else StrictHandling.RAISE_ALL
+    state = dist_checkpointing.load(sharded, str(path), strict=strict)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:

