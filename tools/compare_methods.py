@@ -1,0 +1,87 @@
+"""Run the same task with several methods under identical seeds and budgets, then plot them side by side.
+
+    python tools/compare_methods.py --spec examples/compare_tiny_cpu.yaml
+    python tools/compare_methods.py --spec examples/compare_tiny_cpu.yaml --steps 3 --out runs/cmp_short
+
+The spec (YAML) names a base run config, overrides common to every method and
+one override list per method. Each method trains into ``<out>/<method>`` (an
+existing complete run is resumed, so an interrupted comparison continues where it
+stopped); then ``tools/plot_run.py`` draws ``<out>/comparison.png`` and the
+end-of-run table is written to ``<out>/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tools.plot_run import main as plot_main  # noqa: E402
+
+METRICS = ["reward/mean", "actor/entropy", "sparks/p_lt_0.1", "sparks/p_lt_0.01",
+           "actor/lp_reg/regularised_share", "response/length_mean"]
+
+
+def load_spec(path: Path) -> dict:
+    spec = yaml.safe_load(path.read_text())
+    for key in ("base", "methods"):
+        if key not in spec:
+            raise SystemExit(f"{path}: missing {key!r}")
+    if not isinstance(spec["methods"], dict) or not spec["methods"]:
+        raise SystemExit(f"{path}: methods must map names to override lists")
+    return spec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None, help="default: the spec's out_dir")
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps for every method")
+    ap.add_argument("--methods", default=None, help="comma-separated subset")
+    ap.add_argument("extra", nargs="*", help="key=value overrides for every method")
+    a = ap.parse_args(argv)
+    spec = load_spec(a.spec)
+    out = a.out or Path(spec.get("out_dir", "runs/compare"))
+    methods = spec["methods"]
+    if a.methods:
+        names = [m.strip() for m in a.methods.split(",")]
+        unknown = [m for m in names if m not in methods]
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; the spec has {sorted(methods)}")
+        methods = {m: methods[m] for m in names}
+    common = list(spec.get("common", [])) + list(a.extra)
+    if a.steps is not None:
+        common.append(f"train.steps={a.steps}")
+    for name, overrides in methods.items():
+        t = time.monotonic()
+        cmd = [sys.executable, "-m", "megatron_lpreg.train", "--config", str(spec["base"]), *common,
+               *overrides, f"train.out_dir={out / name}"]
+        print(f"[compare] {name}: {' '.join(overrides)}", flush=True)
+        rc = subprocess.call(cmd, cwd=ROOT)
+        if rc != 0:
+            print(f"[compare] {name} failed with exit code {rc}", file=sys.stderr)
+            return rc
+        print(f"[compare] {name} done in {time.monotonic() - t:.0f}s", flush=True)
+    runs = [str(out / m) for m in methods]
+    summary = out / "summary.md"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        plot_main([*runs, "--labels", *methods, "--out", str(out / "comparison.png"), "--summary",
+                   "--metrics", *METRICS])
+    summary.write_text(buf.getvalue())
+    print(buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
