@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-stamp
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k vocab -x"`
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo clean-venv
+.PHONY: setup test lint bench demo launch-venv clean-venv
 
 setup: $(STAMP)
 
@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml tools/setup_env.sh
 	@touch $@
 
 lint: setup
-	$(PY) -m ruff check megatron_lpreg tests bench tools
+	$(PY) -m ruff check megatron_lpreg tests bench tools launch
 
 # Test files run in parallel (two workers); the tests of one file stay together
 # because they share module-scoped multi-rank runs.
 test: setup lint
+	@$(MAKE) --no-print-directory launch-venv || echo "[test] no nemo-run environment: the Slurm test uses plain sbatch"
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # Each benchmark prints one JSON document; bench/results/ holds measured runs.
@@ -38,6 +39,14 @@ demo: setup
 	$(PY) tools/plot_run.py $(DEMO_OUT) --out $(DEMO_OUT)/curves.png --summary \
 		--metrics reward/mean reward/accuracy actor/entropy sparks/p_lt_0.1 sparks/p_lt_0.01 \
 		actor/lp_reg/regularised_share
+
+# The launcher's own environment: nemo-run pins packages that clash with vLLM's, and the
+# launcher needs nothing else (`.venv-launch/bin/python -m launch ...`).
+launch-venv: .venv-launch/.stamp
+.venv-launch/.stamp: pyproject.toml
+	$(PYTHON) -m venv .venv-launch
+	.venv-launch/bin/python -m pip install -q --disable-pip-version-check "nemo-run>=0.11" "leptonai<0.47" pyyaml
+	@touch $@
 
 clean-venv:
 	rm -rf $(VENV)

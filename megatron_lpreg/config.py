@@ -132,6 +132,9 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 3        # NaN/inf steps in a row before stopping
     tensorboard: bool = True
+    # Checkpoint and exit at the end of the current step when this file appears
+    # (or on SIGTERM / SIGUSR1): Slurm pre-termination and requeue (launch/).
+    stop_file: str = ""
 
 
 @dataclass

@@ -96,6 +96,8 @@ class VLLMEngine(RolloutEngine):
         if world % tensor_parallel_size:
             raise ValueError(f"rollout TP {tensor_parallel_size} does not divide the world size {world}")
         gpu = platform.cuda_available()
+        # vLLM's INFO lines (one per weight sync) drown the trainer's progress; opt back in with the variable
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if not gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(local_world, os.cpu_count() or 1)

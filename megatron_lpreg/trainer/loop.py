@@ -9,6 +9,7 @@ megatron's parallel state are set up by the caller (:mod:`megatron_lpreg.train`)
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
 from megatron_lpreg.trainer.memory import estimate
 from megatron_lpreg.trainer.metrics import MetricsWriter, response_token_stats
 from megatron_lpreg.trainer.setup import (
+    StopRequest,
     broadcast_object,
     is_logging_rank,
     make_engine,
@@ -45,6 +47,9 @@ from megatron_lpreg.trainer.warm_start import warm_start
 
 class TooManyBadSteps(RuntimeError):
     pass
+
+
+FINISHED = "FINISHED"  # written to out_dir when every step is done (launch/ scripts read it)
 
 
 def _log(msg: str) -> None:
@@ -89,6 +94,9 @@ def train(cfg: RunConfig) -> list[dict]:
     if ckpt is not None:
         _log(f"resuming from {ckpt}")
         state = load_checkpoint(ckpt, model, optimizer)
+        if dist.get_rank() == 0:  # an audit trail of restarts (requeues, resubmissions)
+            with open(out / "resume_log.jsonl", "a") as f:
+                f.write(json.dumps({"from_step": state["step"], "checkpoint": ckpt.name, "time": time.time()}) + "\n")
         order.load_state_dict(state.pop("data"))
     else:
         save_checkpoint(out, 0, model, optimizer, dict(state, data=order.state_dict()),
@@ -101,6 +109,7 @@ def train(cfg: RunConfig) -> list[dict]:
         from megatron_lpreg.reward.pool import VerifierPool
 
         pool = VerifierPool(cfg.reward.workers, timeout_s=cfg.reward.timeout_s, memory_mb=cfg.reward.memory_mb)
+    stop = StopRequest(cfg.train.stop_file)
     writer = MetricsWriter(out if is_logging_rank() else None, tensorboard=cfg.train.tensorboard)
     writer.truncate_after(state["step"])
     records = []
@@ -211,16 +220,24 @@ def train(cfg: RunConfig) -> list[dict]:
             # ---- checkpoint
             last = step + 1 == cfg.train.steps
             too_bad = state["bad_in_row"] > cfg.train.max_bad_steps
-            if last or too_bad or (step + 1) % cfg.train.save_every == 0:
+            stopping = stop.requested()
+            if last or too_bad or stopping or (step + 1) % cfg.train.save_every == 0:
                 save_checkpoint(out, step + 1, model, optimizer, dict(state, data=order.state_dict()),
                                 keep_last=cfg.train.keep_last)
+            if stopping and not last:
+                _log(f"stop requested: checkpointed step {step + 1}; resubmit (or requeue) to continue")
+                break
             if too_bad:
                 raise TooManyBadSteps(
                     f"{state['bad_in_row']} steps in a row had non-finite loss or gradients "
                     f"(limit train.max_bad_steps={cfg.train.max_bad_steps}); the last good weights are "
                     f"checkpointed at step {step + 1} in {out / 'checkpoints'}"
                 )
+        else:
+            if dist.get_rank() == 0:
+                (out / FINISHED).write_text(f"{cfg.train.steps}\n")
     finally:
+        stop.restore()
         writer.close()
         if pool is not None:
             pool.close()

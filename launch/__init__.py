@@ -1,0 +1,1 @@
+"""Launching training runs: local torchrun, Slurm sbatch, optionally through nemo-run."""

