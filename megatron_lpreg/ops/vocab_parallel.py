@@ -462,74 +462,91 @@ class _VocabParallelLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits2d, target1d, temperature, group, shard, with_entropy):
-        n, dev = target1d.numel(), logits2d.device
-        m_all = torch.empty(n, dtype=shard.dtype, device=dev)
-        log_s_all = torch.empty_like(m_all)
-        logprob = torch.empty_like(m_all)
-        entropy = torch.empty_like(m_all) if with_entropy else None
-        blocks = _Blocks(shard, dev)
-        for lo, hi in _spans(0, n, shard.chunk):
-            m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
-            col, owned = _target_columns(target1d[lo:hi], shard)
-            part = torch.zeros(hi - lo, 3, dtype=shard.dtype, device=dev)  # d_y, S, Sd
-            for a, b in _spans(lo, hi, shard.block):
-                r = slice(a - lo, b - lo)
-                d, e = blocks.get(b - a)
-                _shifted(logits2d, a, b, shard, temperature, m[r], d)
-                part[r, 0] = _pick(d, col[r], owned[r])
-                if with_entropy:
-                    redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
-                    part[r, 1], part[r, 2] = _exp_sums(d, e, redo)
-                else:
-                    part[r, 1] = torch.exp(d, out=e).sum(dim=1)
-            d_y, s, sd = all_reduce_sum(part, group).unbind(1)
-            log_s = torch.log(s)
-            m_all[lo:hi], log_s_all[lo:hi] = m, log_s
-            logprob[lo:hi] = d_y - log_s
-            if with_entropy:
-                entropy[lo:hi] = _entropy(log_s, s, sd)
+        logprob, entropy, m_all, log_s_all = logprob_forward(logits2d, target1d, temperature, group, shard,
+                                                             with_entropy)
         ctx.save_for_backward(logits2d, target1d, m_all, log_s_all, entropy)
         ctx.cfg = (temperature, shard, with_entropy)
         # autograd.Function outputs must be tensors: an empty one stands for "no entropy".
-        return logprob, entropy if with_entropy else torch.zeros(0, device=dev)
+        return logprob, entropy if with_entropy else torch.zeros(0, device=logits2d.device)
 
     @staticmethod
     def backward(ctx, g_lp, g_h):
         logits2d, target1d, m_all, log_s_all, entropy = ctx.saved_tensors
         temperature, shard, with_entropy = ctx.cfg
-        n = target1d.numel()
-        use_h = with_entropy and g_h is not None and g_h.numel() == n
-        if g_lp is None:
-            g_lp = torch.zeros(n, dtype=shard.dtype, device=logits2d.device)
-        grad = _grad_buffer(logits2d, shard)
-        blocks = _Blocks(shard, logits2d.device)
-        col, owned = _target_columns(target1d, shard)
-        for a, b in _spans(0, n, shard.block):
-            logp, p = blocks.get(b - a)
-            # (x - m) - log S, not x - (m + log S): x - m is exact, so p carries
-            # only the rounding of log S.
-            _shifted(logits2d, a, b, shard, temperature, m_all[a:b], logp).sub_(log_s_all[a:b].unsqueeze(1))
-            if use_h:
-                # A -inf logit would give 0 * -inf in dH/dx; its true term is 0. Below
-                # -1e4, exp is exactly 0 in fp32 and fp64 alike, so clamping there
-                # changes nothing else and keeps g_h * log p finite.
-                logp.clamp_(min=-1e4)
-            torch.exp(logp, out=p)
-            g = g_lp[a:b].to(shard.dtype).unsqueeze(1)
-            if use_h:
-                # d/dx_v of g*log p_y + g_h*H = g (1[v=y] - p_v) - g_h p_v (log p_v + H)
-                #   = g 1[v=y] + p_v * (-(g + g_h H) - g_h log p_v): three passes, not five
-                gh = g_h[a:b].to(shard.dtype).unsqueeze(1)
-                gx = logp.mul_(-gh).sub_(g + gh * entropy[a:b].unsqueeze(1)).mul_(p)
-            else:
-                gx = p.mul_(-g)
-            if gx.shape[1] > 0:
-                hit = torch.where(owned[a:b], g.squeeze(1), 0.0).unsqueeze(1)
-                gx.scatter_add_(1, col[a:b].unsqueeze(1), hit)
-            if temperature != 1.0:
-                gx.div_(temperature)
-            grad[a:b, : shard.n_valid] = gx
+        grad = logprob_backward(logits2d, target1d, m_all, log_s_all, entropy, g_lp, g_h, temperature, shard,
+                                with_entropy)
         return grad, None, None, None, None, None
+
+
+def logprob_forward(logits2d, target1d, temperature, group, shard, with_entropy):
+    """Blocked forward of :class:`_VocabParallelLogProb`: ``(logprob, entropy or None,
+    m, log S)``, each ``[n]`` in the shard's compute dtype. Also used by the fused
+    output layer (:mod:`megatron_lpreg.ops.fused_output`) on chunks of logits."""
+    n, dev = target1d.numel(), logits2d.device
+    m_all = torch.empty(n, dtype=shard.dtype, device=dev)
+    log_s_all = torch.empty_like(m_all)
+    logprob = torch.empty_like(m_all)
+    entropy = torch.empty_like(m_all) if with_entropy else None
+    blocks = _Blocks(shard, dev)
+    for lo, hi in _spans(0, n, shard.chunk):
+        m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
+        col, owned = _target_columns(target1d[lo:hi], shard)
+        part = torch.zeros(hi - lo, 3, dtype=shard.dtype, device=dev)  # d_y, S, Sd
+        for a, b in _spans(lo, hi, shard.block):
+            r = slice(a - lo, b - lo)
+            d, e = blocks.get(b - a)
+            _shifted(logits2d, a, b, shard, temperature, m[r], d)
+            part[r, 0] = _pick(d, col[r], owned[r])
+            if with_entropy:
+                redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
+                part[r, 1], part[r, 2] = _exp_sums(d, e, redo)
+            else:
+                part[r, 1] = torch.exp(d, out=e).sum(dim=1)
+        d_y, s, sd = all_reduce_sum(part, group).unbind(1)
+        log_s = torch.log(s)
+        m_all[lo:hi], log_s_all[lo:hi] = m, log_s
+        logprob[lo:hi] = d_y - log_s
+        if with_entropy:
+            entropy[lo:hi] = _entropy(log_s, s, sd)
+    return logprob, entropy, m_all, log_s_all
+
+
+def logprob_backward(logits2d, target1d, m_all, log_s_all, entropy, g_lp, g_h, temperature, shard, with_entropy):
+    """Gradient w.r.t. the logits shard ``[n, V/tp]`` from the saved per-token ``m``,
+    ``log S`` and ``H``; no collective."""
+    n = target1d.numel()
+    use_h = with_entropy and g_h is not None and g_h.numel() == n
+    if g_lp is None:
+        g_lp = torch.zeros(n, dtype=shard.dtype, device=logits2d.device)
+    grad = _grad_buffer(logits2d, shard)
+    blocks = _Blocks(shard, logits2d.device)
+    col, owned = _target_columns(target1d, shard)
+    for a, b in _spans(0, n, shard.block):
+        logp, p = blocks.get(b - a)
+        # (x - m) - log S, not x - (m + log S): x - m is exact, so p carries
+        # only the rounding of log S.
+        _shifted(logits2d, a, b, shard, temperature, m_all[a:b], logp).sub_(log_s_all[a:b].unsqueeze(1))
+        if use_h:
+            # A -inf logit would give 0 * -inf in dH/dx; its true term is 0. Below
+            # -1e4, exp is exactly 0 in fp32 and fp64 alike, so clamping there
+            # changes nothing else and keeps g_h * log p finite.
+            logp.clamp_(min=-1e4)
+        torch.exp(logp, out=p)
+        g = g_lp[a:b].to(shard.dtype).unsqueeze(1)
+        if use_h:
+            # d/dx_v of g*log p_y + g_h*H = g (1[v=y] - p_v) - g_h p_v (log p_v + H)
+            #   = g 1[v=y] + p_v * (-(g + g_h H) - g_h log p_v): three passes, not five
+            gh = g_h[a:b].to(shard.dtype).unsqueeze(1)
+            gx = logp.mul_(-gh).sub_(g + gh * entropy[a:b].unsqueeze(1)).mul_(p)
+        else:
+            gx = p.mul_(-g)
+        if gx.shape[1] > 0:
+            hit = torch.where(owned[a:b], g.squeeze(1), 0.0).unsqueeze(1)
+            gx.scatter_add_(1, col[a:b].unsqueeze(1), hit)
+        if temperature != 1.0:
+            gx.div_(temperature)
+        grad[a:b, : shard.n_valid] = gx
+    return grad
 
 
 def vocab_parallel_logprob(
