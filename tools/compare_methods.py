@@ -69,14 +69,16 @@ def main(argv=None) -> int:
             print(f"[compare] {name} failed with exit code {rc}", file=sys.stderr)
             return rc
         print(f"[compare] {name} done in {time.monotonic() - t:.0f}s", flush=True)
-    runs = [str(out / m) for m in methods]
+    # plot every method of the spec that has results, not only the ones run now
+    done = [m for m in spec["methods"] if (out / m / "metrics.jsonl").exists()]
+    runs = [str(out / m) for m in done]
     summary = out / "summary.md"
     import contextlib
     import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        plot_main([*runs, "--labels", *methods, "--out", str(out / "comparison.png"), "--summary",
+        plot_main([*runs, "--labels", *done, "--out", str(out / "comparison.png"), "--summary",
                    "--metrics", *METRICS])
     summary.write_text(buf.getvalue())
     print(buf.getvalue())

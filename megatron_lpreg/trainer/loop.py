@@ -282,7 +282,10 @@ def _step_record(step, batch, scores, graded, old, rollout_lp, my, upd, timing, 
         for key in upd[0]:
             vals = [r[key] for r in upd if isinstance(r.get(key), (int, float))]
             if vals:
-                rec[f"actor/{key}"] = sum(vals) / len(vals)
+                # the losses' own "entropy" is over their loss mask (80/20: the top 20% only);
+                # actor/entropy stays the policy's entropy over every sampled token
+                name = "actor/entropy_in_loss" if key == "entropy" else f"actor/{key}"
+                rec[name] = sum(vals) / len(vals)
     return rec
 
 
