@@ -22,6 +22,8 @@ class ModelConfig:
     hf_dir: str = ""              # HF model directory (config.json + safetensors)
     params_dtype: str = "float32"  # float32 | bfloat16
     tokenizer_dir: str = ""       # defaults to hf_dir
+    fused_output: bool = False    # log-probs from hidden states + output weight: no logits tensor
+    fused_chunk_tokens: int = 2048
 
 
 @dataclass

@@ -61,7 +61,7 @@ def _check(hidden, weight, target, sequence_parallel, group):
 class _FusedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, temperature, group, vocab_size, with_entropy, sequence_parallel,
-                chunk_tokens, block_elements):
+                chunk_tokens, block_elements, reduce_hidden_grad):
         full = _gather_sequence(hidden, group) if sequence_parallel and group is not None else hidden
         h2d = full.reshape(-1, full.shape[-1])
         t1d = target.reshape(-1)
@@ -78,7 +78,8 @@ class _FusedLogProb(torch.autograd.Function):
             del logits
         cat = {k: (torch.cat(v) if v else None) for k, v in outs.items()}
         ctx.save_for_backward(hidden, weight, t1d, cat["m"], cat["ls"], cat["h"])
-        ctx.cfg = (temperature, group, vocab_size, with_entropy, sequence_parallel, chunk_tokens, block_elements)
+        ctx.cfg = (temperature, group, vocab_size, with_entropy, sequence_parallel, chunk_tokens, block_elements,
+                   reduce_hidden_grad)
         lead = target.shape
         entropy = cat["h"].reshape(lead) if with_entropy else torch.zeros(0, device=hidden.device)
         return cat["lp"].reshape(lead), entropy
@@ -86,7 +87,7 @@ class _FusedLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_h):
         hidden, weight, t1d, m_all, ls_all, h_all = ctx.saved_tensors
-        temperature, group, vocab_size, with_entropy, sp, chunk_tokens, block_elements = ctx.cfg
+        temperature, group, vocab_size, with_entropy, sp, chunk_tokens, block_elements, reduce_grad = ctx.cfg
         full = _gather_sequence(hidden, group) if sp and group is not None else hidden
         h2d = full.reshape(-1, full.shape[-1])
         n = t1d.numel()
@@ -104,14 +105,14 @@ class _FusedLogProb(torch.autograd.Function):
             grad_h[a:b] = g @ weight
             grad_w.addmm_(g.t().to(grad_w.dtype), h2d[a:b].to(grad_w.dtype))
         grad_h = grad_h.reshape(full.shape)
-        if group is not None:
+        if group is not None and reduce_grad:
             if sp:
                 out = torch.empty_like(hidden)
                 dist.reduce_scatter_tensor(out, grad_h.contiguous(), group=group)
                 grad_h = out
             else:
                 dist.all_reduce(grad_h, group=group)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None, None
 
 
 def fused_logprob(
@@ -126,6 +127,7 @@ def fused_logprob(
     sequence_parallel: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    reduce_hidden_grad: bool = True,
 ):
     """Differentiable ``log pi(target)`` (and entropy) from hidden states and the weight shard.
 
@@ -136,6 +138,8 @@ def fused_logprob(
         temperature, tp_group, vocab_size, with_entropy: as
             :func:`megatron_lpreg.ops.vocab_parallel.vocab_parallel_logprob`.
         chunk_tokens: tokens whose logits exist at once.
+        reduce_hidden_grad: sum the hidden-state gradient over the TP group (False when
+            the caller's own autograd op does it, e.g. megatron's sequence-parallel gather).
 
     Returns:
         ``logprob [...]`` fp32, or ``(logprob, entropy)``; gradients flow to
@@ -146,7 +150,7 @@ def fused_logprob(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     lp, h = _FusedLogProb.apply(hidden, weight, target, float(temperature), group, vocab_size, with_entropy,
-                                sequence_parallel, int(chunk_tokens), block_elements)
+                                sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad)
     return (lp, h) if with_entropy else lp
 
 

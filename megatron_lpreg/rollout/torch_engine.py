@@ -22,9 +22,11 @@ from megatron_lpreg.tp_layout import gather_full
 
 
 class TorchEngine(RolloutEngine):
-    def __init__(self, model, vocab_size: int, *, pad_token_id: int = 0, max_batch: int = 64):
-        """``model``: this rank's GPTModel stage (possibly DDP-wrapped)."""
+    def __init__(self, model, vocab_size: int, *, pad_token_id: int = 0, max_batch: int = 64, head=None):
+        """``model``: this rank's GPTModel stage (possibly DDP-wrapped). ``head``: the
+        trainer's OutputHead when the model returns hidden states (fused output)."""
         self.model = model
+        self.head = head
         self.vocab_size = vocab_size
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
@@ -80,7 +82,9 @@ class TorchEngine(RolloutEngine):
 
             def last_rows(mb, logits, picked=picked, last=last):
                 idx = last.to(logits.device)
-                rows = logits[torch.arange(n, device=logits.device), idx]  # [n, V/tp]
+                rows = logits[torch.arange(n, device=logits.device), idx]  # [n, V/tp] (or [n, hidden])
+                if self.head is not None and self.head.fused:
+                    rows = rows @ self.head.weight().t()
                 picked.append(rows.float())
                 return logits.new_zeros(()), {}
 

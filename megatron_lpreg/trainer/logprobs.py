@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
-from megatron_lpreg.ops.vocab_parallel import token_stats
 from megatron_lpreg.trainer.batching import Sequences
 
 
@@ -24,23 +23,21 @@ class StatsConfig:
     chunk_tokens: int | None = None
 
 
-def sequence_stats(model, seqs: Sequences, micro: list[list[int]], vocab_size: int, cfg: StatsConfig):
+def sequence_stats(model, seqs: Sequences, micro: list[list[int]], head, cfg: StatsConfig):
     """Returns ``{"logprob", "entropy", "proxy_logprob"}`` fp32 and ``"in_proxy"`` bool,
     each ``[N, L]`` like ``seqs.tokens``, on the last pipeline stage (None elsewhere).
-    Values outside ``seqs.mask`` are meaningless."""
+    Values outside ``seqs.mask`` are meaningless. ``head``: an
+    :class:`megatron_lpreg.trainer.head.OutputHead` (logits or fused)."""
     from megatron.core import parallel_state as ps
 
     device = next(model.parameters()).device
     n, width = seqs.tokens.shape
     keys = ("logprob", "entropy", "proxy_logprob", "in_proxy")
     out = {k: torch.zeros(n, width, dtype=torch.bool if k == "in_proxy" else torch.float32) for k in keys}
-    tp_group = ps.get_tensor_model_parallel_group()
 
     def on_logits(mb: MicroBatch, logits: torch.Tensor):
-        st = token_stats(
-            logits, mb.extra["targets"].to(logits.device), proxy=cfg.proxy, proxy_threshold=cfg.proxy_threshold,
-            temperature=cfg.temperature, tp_group=tp_group, vocab_size=vocab_size, chunk_tokens=cfg.chunk_tokens,
-        )
+        st = head.stats(logits, mb.extra["targets"].to(logits.device), proxy=cfg.proxy,
+                        proxy_threshold=cfg.proxy_threshold, temperature=cfg.temperature)
         rows, w = mb.extra["rows"], logits.shape[1]
         for k in keys:
             out[k][rows, :w] = getattr(st, k).cpu().to(out[k].dtype)

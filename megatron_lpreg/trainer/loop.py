@@ -27,6 +27,7 @@ from megatron_lpreg.model.hf_config import load_spec
 from megatron_lpreg.rollout.engine import SamplingConfig
 from megatron_lpreg.rollout.weight_sync import WeightSync
 from megatron_lpreg.trainer.batching import pack_sequences, token_budget_micro_batches
+from megatron_lpreg.trainer.head import OutputHead
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
 from megatron_lpreg.trainer.memory import estimate
 from megatron_lpreg.trainer.metrics import MetricsWriter, response_token_stats
@@ -77,6 +78,8 @@ def train(cfg: RunConfig) -> list[dict]:
          f"{estimate(spec, cfg, world_size=dist.get_world_size()).table()}")
     gpt = build_gpt(spec, params_dtype=dtype, **model_overrides(cfg.parallel))
     load_hf_weights(gpt, spec, HFShards(cfg.model.hf_dir).get)
+    head = OutputHead(gpt, fused=cfg.model.fused_output, vocab_size=spec.vocab_size,
+                      tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=cfg.model.fused_chunk_tokens)
     examples = load_examples(cfg.data.train_path, tokenizer, prompt_key=cfg.data.prompt_key,
                              answer_key=cfg.data.answer_key, apply_chat_template=cfg.data.apply_chat_template,
                              max_prompt_tokens=cfg.data.max_prompt_tokens)
@@ -88,7 +91,7 @@ def train(cfg: RunConfig) -> list[dict]:
     state = {"step": 0, "version": 0, "bad_in_row": 0, "bad_total": 0, "warm_start_done": False}
     ckpt = latest_checkpoint(out)
     if ckpt is None and cfg.warm_start.steps > 0:
-        warm_start(model, cfg, examples, tokenizer, spec.vocab_size)
+        warm_start(model, cfg, examples, tokenizer, head)
     state["warm_start_done"] = True
     optimizer = make_optimizer(model, cfg.optim)
     if ckpt is not None:
@@ -102,7 +105,7 @@ def train(cfg: RunConfig) -> list[dict]:
         save_checkpoint(out, 0, model, optimizer, dict(state, data=order.state_dict()),
                         keep_last=cfg.train.keep_last)
 
-    engine = make_engine(cfg, model, spec)
+    engine = make_engine(cfg, model, spec, head)
     sync = WeightSync(model, spec, engine, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     pool = None
     if dist.get_rank() == 0:
@@ -155,7 +158,7 @@ def train(cfg: RunConfig) -> list[dict]:
             t = time.perf_counter()
             model.eval()
             old = sequence_stats(model, my, token_budget_micro_batches(my.lengths, cfg.algo.micro_token_budget),
-                                 spec.vocab_size, stats_cfg)
+                                 head, stats_cfg)
             model.train()
             timing["time/old_logprob_s"] = time.perf_counter() - t
             rollout_lp = torch.zeros_like(my.mask)
@@ -177,7 +180,7 @@ def train(cfg: RunConfig) -> list[dict]:
                 n_mb = min(cfg.algo.mini_batches, len(mine))
                 chunks = [list(range(len(mine)))[k::n_mb] for k in range(n_mb)]
                 for _ in range(cfg.algo.ppo_epochs):
-                    upd += policy_update(model, optimizer, ub, cfg.algo, vocab_size=spec.vocab_size,
+                    upd += policy_update(model, optimizer, ub, cfg.algo, head=head,
                                          temperature=cfg.rollout.temperature, mini_batch_rows=chunks)
             timing["time/update_s"] = time.perf_counter() - t
             skipped = _all_ranks_skipped(upd)

@@ -128,12 +128,12 @@ def set_lr(optimizer, optim: OptimConfig, step: int, total: int) -> float:
     return lr
 
 
-def make_engine(cfg: RunConfig, model, spec):
+def make_engine(cfg: RunConfig, model, spec, head=None):
     """The configured rollout engine; vLLM joins this job's ranks (see VLLMEngine)."""
     if cfg.rollout.engine == "torch":
         from megatron_lpreg.rollout.torch_engine import TorchEngine
 
-        return TorchEngine(model, spec.vocab_size)
+        return TorchEngine(model, spec.vocab_size, head=head)
     from megatron_lpreg.rollout.vllm_engine import VLLMEngine, vllm_available
 
     if not vllm_available():

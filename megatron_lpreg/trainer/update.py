@@ -26,7 +26,6 @@ from megatron_lpreg.loss.entropy_control import entropy_bonus, high_entropy_mask
 from megatron_lpreg.loss.lp_reg import global_thresholds
 from megatron_lpreg.loss.registry import get_policy_loss
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
-from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
 from megatron_lpreg.trainer.batching import Sequences, token_budget_micro_batches
 
 
@@ -67,16 +66,16 @@ def _all_finite(model, local_bad: bool) -> bool:
     return bad.item() == 0
 
 
-def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, vocab_size: int,
+def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, head,
                   temperature: float, mini_batch_rows: list[list[int]]) -> list[dict]:
     """One pass (an epoch) over ``mini_batch_rows`` (row indices of ``batch`` per
     optimiser step). Returns one metrics dict per mini-batch (filled on the last
-    pipeline stage; ``skipped`` everywhere)."""
+    pipeline stage; ``skipped`` everywhere). ``head``: an
+    :class:`megatron_lpreg.trainer.head.OutputHead` (logits or fused)."""
     from megatron.core import parallel_state as ps
 
     loss_fn = get_policy_loss(algo.loss)
     kwargs = _loss_kwargs(loss_fn, algo)
-    tp_group = ps.get_tensor_model_parallel_group()
     dp_group = ps.get_data_parallel_group()
     dp = ps.get_data_parallel_world_size()
     device = next(model.parameters()).device
@@ -104,10 +103,8 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, voc
                       total_units=total_units):
             e = mb.extra
             w = logits.shape[1]
-            logprob, entropy = vocab_parallel_logprob(
-                logits, e["targets"].to(logits.device), temperature=temperature, tp_group=tp_group,
-                vocab_size=vocab_size, with_entropy=True,
-            )
+            logprob, entropy = head.logprob(logits, e["targets"].to(logits.device), temperature=temperature,
+                                            with_entropy=True)
             cut = lambda t: t[:, :w].to(logits.device)  # noqa: E731
             mask = cut(e["mask"])
             if algo.high_entropy_fraction < 1.0:

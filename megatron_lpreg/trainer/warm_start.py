@@ -15,12 +15,11 @@ import torch.distributed as dist
 from megatron_lpreg.config import RunConfig
 from megatron_lpreg.data.prompts import get_path
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
-from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
 from megatron_lpreg.trainer.batching import pack_sequences
 from megatron_lpreg.trainer.setup import make_optimizer
 
 
-def warm_start(model, cfg: RunConfig, examples, tokenizer, vocab_size: int) -> list[float]:
+def warm_start(model, cfg: RunConfig, examples, tokenizer, head) -> list[float]:
     from megatron.core import parallel_state as ps
 
     ws = cfg.warm_start
@@ -32,7 +31,6 @@ def warm_start(model, cfg: RunConfig, examples, tokenizer, vocab_size: int) -> l
     sols = [tokenizer.encode(str(get_path(e.row, ws.solution_key)), add_special_tokens=False) + [eos]
             for e in examples]
     gen = torch.Generator().manual_seed(cfg.train.seed + 7)
-    tp_group = ps.get_tensor_model_parallel_group()
     device = next(model.parameters()).device
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     losses = []
@@ -41,8 +39,7 @@ def warm_start(model, cfg: RunConfig, examples, tokenizer, vocab_size: int) -> l
         seqs = pack_sequences([examples[i].prompt_ids for i in idx], [sols[i] for i in idx], pad)
 
         def on_logits(mb, logits, seqs=seqs):
-            lp = vocab_parallel_logprob(logits, seqs.targets.to(logits.device), tp_group=tp_group,
-                                        vocab_size=vocab_size)
+            lp = head.logprob(logits, seqs.targets.to(logits.device), temperature=1.0, with_entropy=False)
             m = seqs.mask.to(logits.device)
             loss = -(lp * m).sum() / m.sum().clamp(min=1)
             return loss, {"loss": float(loss.detach())}

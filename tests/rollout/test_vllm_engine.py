@@ -29,7 +29,12 @@ def _trainer_logprobs(model, batch, vocab_size):
 
     seqs = pack_sequences(batch.prompts, batch.responses, pad_id=0)
     micro = token_budget_micro_batches(seqs.lengths, 64)
-    st = sequence_stats(model, seqs, micro, vocab_size, StatsConfig(temperature=1.0))
+    from megatron.core import parallel_state as ps
+
+    from megatron_lpreg.trainer.head import OutputHead
+
+    head = OutputHead(model, fused=False, vocab_size=vocab_size, tp_group=ps.get_tensor_model_parallel_group())
+    st = sequence_stats(model, seqs, micro, head, StatsConfig(temperature=1.0))
     mask = seqs.mask > 0
     return st["logprob"][mask], seqs
 

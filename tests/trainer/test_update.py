@@ -26,12 +26,14 @@ def _batch(n=12, seed=0):
     return UpdateBatch(seqs, adv, old, torch.rand(seqs.mask.shape, generator=g), old + 0.5, old)
 
 
-def _rank(overrides=None):
+def _rank(overrides=None, fused=False):
+    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.config import RunConfig
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.hf_config import spec_from_hf_config
+    from megatron_lpreg.trainer.head import OutputHead
     from megatron_lpreg.trainer.setup import make_optimizer, wrap_ddp
     from megatron_lpreg.trainer.update import policy_update
 
@@ -40,7 +42,10 @@ def _rank(overrides=None):
     spec = spec_from_hf_config(CONFIG)
     cfg = RunConfig()
     cfg.optim.lr = 1e-3
-    model = wrap_ddp(build_gpt(spec, **(overrides or {})), cfg)
+    gpt = build_gpt(spec, **(overrides or {}))
+    head = OutputHead(gpt, fused=fused, vocab_size=spec.vocab_size, tp_group=ps.get_tensor_model_parallel_group(),
+                      chunk_tokens=7)
+    model = wrap_ddp(gpt, cfg)
     opt = make_optimizer(model, cfg.optim)
     batch = _batch()
     rows = [list(range(12))]
@@ -48,7 +53,7 @@ def _rank(overrides=None):
     for name, budget in (("one_micro", 10_000), ("many_micro", 16)):
         cfg.algo.micro_token_budget = budget
         snapshot = [p.detach().clone() for p in model.parameters()]
-        rec = policy_update(model, opt, batch, cfg.algo, vocab_size=spec.vocab_size, temperature=1.0,
+        rec = policy_update(model, opt, batch, cfg.algo, head=head, temperature=1.0,
                             mini_batch_rows=rows)[0]
         out[name] = rec.get("grad_norm")
         with torch.no_grad():  # undo, so both packings see the same weights
@@ -57,11 +62,11 @@ def _rank(overrides=None):
     before = [p.detach().clone() for p in model.parameters()]
     bad = _batch()
     bad.advantages[0, :] = float("nan")
-    rec = policy_update(model, opt, bad, cfg.algo, vocab_size=spec.vocab_size, temperature=1.0,
+    rec = policy_update(model, opt, bad, cfg.algo, head=head, temperature=1.0,
                         mini_batch_rows=rows)[0]
     out["nan_skipped"] = rec["skipped"]
     out["nan_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-    rec = policy_update(model, opt, _batch(seed=1), cfg.algo, vocab_size=spec.vocab_size, temperature=1.0,
+    rec = policy_update(model, opt, _batch(seed=1), cfg.algo, head=head, temperature=1.0,
                         mini_batch_rows=rows)[0]
     out["after_skipped"] = rec["skipped"]
     out["after_changed"] = not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
@@ -86,6 +91,13 @@ def test_full_recompute_gives_the_same_gradient():
     kw = model_overrides(ParallelConfig(tp=2, sequence_parallel=te_available(), recompute="full"))
     sp = _first_with_loss(run_ranks(_rank, Layout(tp=2), kw, timeout=300))
     assert math.isclose(plain["one_micro"], sp["one_micro"], rel_tol=1e-5), (plain, sp)
+
+
+def test_fused_output_gives_the_same_gradient():
+    plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), timeout=300))
+    fused = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, True, timeout=300))
+    for key in ("one_micro", "many_micro"):
+        assert math.isclose(plain[key], fused[key], rel_tol=1e-5), (key, plain[key], fused[key])
 
 
 def test_update_packing_and_nan_skip():

@@ -1,0 +1,60 @@
+"""Where the trainer's log-probs come from: the model's logits, or (``model.fused_output``)
+its last hidden states and the output weight through the fused op.
+
+Fused: the GPTModel's ``output_layer`` keeps its weight (optimiser, checkpoints
+and weight sync see no difference) but its forward passes the hidden states
+through, so ``model(...)`` returns ``[b, s, hidden]`` instead of ``[b, s, V/tp]``
+and no logits tensor is ever built. Under sequence parallelism the pass-through
+gathers the sequence with megatron's own autograd op (reduce-scatter in backward),
+so the fused op then leaves the hidden gradient alone.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from megatron_lpreg.ops.fused_output import fused_logprob, fused_token_stats
+from megatron_lpreg.ops.vocab_parallel import TokenStats, token_stats, vocab_parallel_logprob
+
+
+def _pass_hidden(self, input_, weight=None, runtime_gather_output=None):
+    if getattr(self, "sequence_parallel", False):
+        from megatron.core import tensor_parallel
+
+        input_ = tensor_parallel.gather_from_sequence_parallel_region(input_)
+    return input_, None
+
+
+class OutputHead:
+    def __init__(self, gpt, *, fused: bool, vocab_size: int, tp_group, chunk_tokens: int = 2048):
+        self.gpt, self.fused, self.vocab_size, self.tp_group = gpt, fused, vocab_size, tp_group
+        self.chunk_tokens = chunk_tokens
+        self.sequence_parallel = bool(getattr(gpt.config, "sequence_parallel", False))
+        if fused and getattr(gpt, "post_process", False):
+            gpt.output_layer.forward = types.MethodType(_pass_hidden, gpt.output_layer)
+
+    def weight(self) -> torch.Tensor:
+        # megatron's shared_embedding_or_output_weight() is the embedding on a first stage,
+        # tied or not: only ask it when the weights are tied
+        if self.gpt.share_embeddings_and_output_weights:
+            return self.gpt.shared_embedding_or_output_weight()
+        return self.gpt.output_layer.weight
+
+    def stats(self, out: torch.Tensor, target: torch.Tensor, *, proxy: str, proxy_threshold: float,
+              temperature: float) -> TokenStats:
+        """``out``: the model's output ``[b, s, V/tp]`` (logits) or ``[b, s, hidden]`` (fused)."""
+        kw = dict(proxy=proxy, proxy_threshold=proxy_threshold, temperature=temperature, tp_group=self.tp_group,
+                  vocab_size=self.vocab_size)
+        if self.fused:
+            return fused_token_stats(out, self.weight().detach(), target, chunk_tokens=self.chunk_tokens, **kw)
+        return token_stats(out, target, **kw)
+
+    def logprob(self, out: torch.Tensor, target: torch.Tensor, *, temperature: float, with_entropy: bool):
+        kw = dict(temperature=temperature, tp_group=self.tp_group, vocab_size=self.vocab_size,
+                  with_entropy=with_entropy)
+        if self.fused:
+            return fused_logprob(out, self.weight(), target, chunk_tokens=self.chunk_tokens,
+                                 reduce_hidden_grad=not self.sequence_parallel, **kw)
+        return vocab_parallel_logprob(out, target, **kw)
