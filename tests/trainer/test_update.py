@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.distributed import Layout, run_ranks
@@ -26,7 +27,7 @@ def _batch(n=12, seed=0):
     return UpdateBatch(seqs, adv, old, torch.rand(seqs.mask.shape, generator=g), old + 0.5, old)
 
 
-def _rank(overrides=None, fused=False):
+def _rank(overrides=None, fused=False, tied=False):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -39,7 +40,7 @@ def _rank(overrides=None, fused=False):
 
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = spec_from_hf_config(CONFIG)
+    spec = spec_from_hf_config(dict(CONFIG, tie_word_embeddings=tied))
     cfg = RunConfig()
     cfg.optim.lr = 1e-3
     gpt = build_gpt(spec, **(overrides or {}))
@@ -78,8 +79,6 @@ def _first_with_loss(res):
 
 
 def test_full_recompute_gives_the_same_gradient():
-    import pytest
-
     from megatron_lpreg.config import ParallelConfig
     from megatron_lpreg.model.builder import te_available
     from megatron_lpreg.trainer.setup import model_overrides
@@ -93,9 +92,10 @@ def test_full_recompute_gives_the_same_gradient():
     assert math.isclose(plain["one_micro"], sp["one_micro"], rel_tol=1e-5), (plain, sp)
 
 
-def test_fused_output_gives_the_same_gradient():
-    plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), timeout=300))
-    fused = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, True, timeout=300))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_output_gives_the_same_gradient(tied):
+    plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, False, tied, timeout=300))
+    fused = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, True, tied, timeout=300))
     for key in ("one_micro", "many_micro"):
         assert math.isclose(plain[key], fused[key], rel_tol=1e-5), (key, plain[key], fused[key])
 
