@@ -9,9 +9,9 @@ holds a complete checkpoint resumes from the newest one.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
+
+from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun
 
 
 def parse_args(argv=None):
@@ -29,31 +29,15 @@ def main(argv=None) -> int:
     from megatron_lpreg.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if "RANK" not in os.environ:
-        n = args.nproc or cfg.parallel.tp * cfg.parallel.pp
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "megatron_lpreg.train", "--config", args.config, *args.overrides]
-        return subprocess.call(cmd)
-
-    import torch
-    import torch.distributed as dist
-
-    from megatron_lpreg import platform
-
-    platform.install_cpu_shims()
-    if platform.cuda_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(platform.default_backend())
-    from megatron.core import parallel_state as ps
-
-    ps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
-                                 pipeline_model_parallel_size=cfg.parallel.pp)
+    rc = relaunch_under_torchrun("megatron_lpreg.train", ["--config", args.config, *args.overrides],
+                                 args.nproc or cfg.parallel.tp * cfg.parallel.pp)
+    if rc is not None:
+        return rc
+    init_job(cfg.parallel.tp, cfg.parallel.pp)
     from megatron_lpreg.trainer.loop import train
 
     train(cfg)
-    ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_job()
     return 0
 
 

@@ -11,10 +11,10 @@ without torchrun it relaunches itself with ``--tp`` local processes.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun
 
 
 def parse_args(argv=None):
@@ -61,16 +61,14 @@ def main(argv=None) -> int:
     hf_dir = Path(a.hf_dir) if a.hf_dir else ckpt
     if not (hf_dir / "config.json").exists():
         raise SystemExit(f"no config.json in {hf_dir}: pass --hf-dir")
-    if "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.tp}",
-               "-m", "megatron_lpreg.eval", *(argv if argv is not None else sys.argv[1:])]
-        return subprocess.call(cmd)
+    rc = relaunch_under_torchrun("megatron_lpreg.eval", argv if argv is not None else sys.argv[1:], a.tp)
+    if rc is not None:
+        return rc
 
     import torch
     import torch.distributed as dist
     import transformers
 
-    from megatron_lpreg import platform
     from megatron_lpreg.config import EvalConfig, RunConfig
     from megatron_lpreg.eval.run import evaluate, write_report
     from megatron_lpreg.model.builder import build_gpt
@@ -79,14 +77,8 @@ def main(argv=None) -> int:
     from megatron_lpreg.rollout.weight_sync import WeightSync
     from megatron_lpreg.trainer.setup import make_engine
 
-    platform.install_cpu_shims()
-    if platform.cuda_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(platform.default_backend())
-    from megatron.core import parallel_state as ps
+    init_job(a.tp)
     from megatron.core import tensor_parallel
-
-    ps.initialize_model_parallel(tensor_model_parallel_size=a.tp)
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     spec = load_spec(hf_dir)
@@ -119,9 +111,7 @@ def main(argv=None) -> int:
             pool.close()
         if hasattr(engine, "close"):
             engine.close()
-    ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    finish_job()
     return 0
 
 
