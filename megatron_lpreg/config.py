@@ -137,6 +137,7 @@ class TrainConfig:
     # Checkpoint and exit at the end of the current step when this file appears
     # (or on SIGTERM / SIGUSR1): Slurm pre-termination and requeue (launch/).
     stop_file: str = ""
+    progress: bool = True         # progress bars (rank 0) for rollout and update within a step
 
 
 @dataclass

@@ -74,6 +74,7 @@ class RolloutBatch:
 
 class RolloutEngine(ABC):
     weights_version: int = -1
+    progress: bool = False  # show a progress bar while generating (engines that have one)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, expected_version: int

@@ -188,7 +188,7 @@ class VLLMEngine(RolloutEngine):
             )
             for i in mine
         ]
-        outs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in mine], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in mine], params, use_tqdm=self.progress)
         local = []
         for i, out in zip(mine, outs, strict=True):
             for c in out.outputs:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from megatron_lpreg.algo.advantages import grpo_advantages
 from megatron_lpreg.config import RunConfig, save_config
@@ -106,6 +107,8 @@ def train(cfg: RunConfig) -> list[dict]:
                         keep_last=cfg.train.keep_last)
 
     engine = make_engine(cfg, model, spec, head)
+    show_progress = cfg.train.progress and dist.get_rank() == 0
+    engine.progress = show_progress
     sync = WeightSync(model, spec, engine, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
     pool = None
     if dist.get_rank() == 0:
@@ -179,9 +182,10 @@ def train(cfg: RunConfig) -> list[dict]:
                 )
                 n_mb = min(cfg.algo.mini_batches, len(mine))
                 chunks = [list(range(len(mine)))[k::n_mb] for k in range(n_mb)]
-                for _ in range(cfg.algo.ppo_epochs):
+                steps = [(e, c) for e in range(cfg.algo.ppo_epochs) for c in chunks]
+                for _, chunk in tqdm(steps, desc="update", leave=False, disable=not show_progress):
                     upd += policy_update(model, optimizer, ub, cfg.algo, head=head,
-                                         temperature=cfg.rollout.temperature, mini_batch_rows=chunks)
+                                         temperature=cfg.rollout.temperature, mini_batch_rows=[chunk])
             timing["time/update_s"] = time.perf_counter() - t
             skipped = _all_ranks_skipped(upd)
             applied = len(upd) - skipped
