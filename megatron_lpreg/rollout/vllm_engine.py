@@ -19,7 +19,6 @@ import logging
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
 from megatron_lpreg import platform
@@ -207,6 +206,3 @@ class VLLMEngine(RolloutEngine):
         batch.timing["generate_s"] = time.perf_counter() - t0
         return batch
 
-
-def torch_dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]

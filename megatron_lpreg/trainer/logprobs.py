@@ -20,7 +20,6 @@ class StatsConfig:
     temperature: float = 1.0
     proxy: str = "minp"
     proxy_threshold: float = 0.02
-    chunk_tokens: int | None = None
 
 
 def sequence_stats(model, seqs: Sequences, micro: list[list[int]], head, cfg: StatsConfig):

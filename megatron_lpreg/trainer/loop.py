@@ -89,11 +89,10 @@ def train(cfg: RunConfig) -> list[dict]:
     eos_id = tokenizer.eos_token_id
 
     model = wrap_ddp(gpt, cfg)
-    state = {"step": 0, "version": 0, "bad_in_row": 0, "bad_total": 0, "warm_start_done": False}
+    state = {"step": 0, "version": 0, "bad_in_row": 0, "bad_total": 0}
     ckpt = latest_checkpoint(out)
-    if ckpt is None and cfg.warm_start.steps > 0:
+    if ckpt is None and cfg.warm_start.steps > 0:  # a checkpoint (step 0 included) comes after it
         warm_start(model, cfg, examples, tokenizer, head)
-    state["warm_start_done"] = True
     optimizer = make_optimizer(model, cfg.optim)
     if ckpt is not None:
         _log(f"resuming from {ckpt}")
@@ -172,24 +171,21 @@ def train(cfg: RunConfig) -> list[dict]:
             # ---- update
             t = time.perf_counter()
             lr = set_lr(optimizer, cfg.optim, step, cfg.train.steps)
+            # earlier pipeline stages have no statistics (no logits): they run the same
+            # schedule on placeholders that their loss never reads
+            per_token = old or dict.fromkeys(("logprob", "entropy", "proxy_logprob"), torch.zeros_like(my.mask))
+            ub = UpdateBatch(my, adv[mine], per_token["logprob"], per_token["entropy"], per_token["proxy_logprob"],
+                             rollout_lp)
+            n_mb = min(cfg.algo.mini_batches, len(mine))
+            chunks = [list(range(len(mine)))[k::n_mb] for k in range(n_mb)]
+            steps = [(e, c) for e in range(cfg.algo.ppo_epochs) for c in chunks]
             upd = []
-            if old is not None or not ps.is_pipeline_last_stage():
-                empty = torch.zeros_like(my.mask)
-                ub = UpdateBatch(
-                    my, adv[mine],
-                    old["logprob"] if old else empty, old["entropy"] if old else empty,
-                    old["proxy_logprob"] if old else empty, rollout_lp,
-                )
-                n_mb = min(cfg.algo.mini_batches, len(mine))
-                chunks = [list(range(len(mine)))[k::n_mb] for k in range(n_mb)]
-                steps = [(e, c) for e in range(cfg.algo.ppo_epochs) for c in chunks]
-                for _, chunk in tqdm(steps, desc="update", leave=False, disable=not show_progress):
-                    upd += policy_update(model, optimizer, ub, cfg.algo, head=head,
-                                         temperature=cfg.rollout.temperature, mini_batch_rows=[chunk])
+            for _, chunk in tqdm(steps, desc="update", leave=False, disable=not show_progress):
+                upd += policy_update(model, optimizer, ub, cfg.algo, head=head,
+                                     temperature=cfg.rollout.temperature, mini_batch_rows=[chunk])
             timing["time/update_s"] = time.perf_counter() - t
-            skipped = _all_ranks_skipped(upd)
-            applied = len(upd) - skipped
-            if applied:
+            # skips are decided collectively (one all-reduce), so every rank counts the same
+            if any(not r["skipped"] for r in upd):
                 state["version"] += 1
                 state["bad_in_row"] = 0
             else:
@@ -251,12 +247,6 @@ def train(cfg: RunConfig) -> list[dict]:
         if hasattr(engine, "close"):
             engine.close()
     return records
-
-
-def _all_ranks_skipped(upd: list[dict]) -> int:
-    """Skips are decided collectively in the update; the last stage knows them, others
-    return an empty record list only when they ran no step."""
-    return sum(1 for r in upd if r.get("skipped"))
 
 
 def _step_record(step, batch, scores, graded, old, rollout_lp, my, upd, timing, lr, state) -> dict:

@@ -144,7 +144,4 @@ def make_engine(cfg: RunConfig, model, spec, head=None):
                       seed=cfg.train.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
