@@ -25,17 +25,12 @@ import time
 from pathlib import Path
 
 import torch
-from proc_status import status_bytes
+from proc_status import reset_peak, status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_lpreg.local_ranks import run_ranks  # noqa: E402
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _rank(tokens: int, hidden: int, vocab: int, chunk: int, method: str) -> dict:
@@ -57,7 +52,7 @@ def _rank(tokens: int, hidden: int, vocab: int, chunk: int, method: str) -> dict
     w.requires_grad_()
     dist.barrier()
     base = status_bytes("VmRSS")
-    _reset_peak()
+    reset_peak()
     t = time.perf_counter()
     if method == "fused":
         lp, ent = fused_logprob(h, w, target, tp_group=group, vocab_size=vocab, with_entropy=True, chunk_tokens=chunk)

@@ -30,18 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-from proc_status import status_bytes
+from proc_status import reset_peak, status_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_lpreg.local_ranks import Layout, run_ranks  # noqa: E402
 from megatron_lpreg.rollout.weight_sync import hf_weight_stream  # noqa: E402
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _rank(model_dir: str, bucket_bytes: int, repeats: int) -> dict:
@@ -76,7 +71,7 @@ def _rank(model_dir: str, bucket_bytes: int, repeats: int) -> dict:
             d.copy_(p)
         copy_s.append(time.perf_counter() - t)
         base = status_bytes("VmRSS")
-        _reset_peak()
+        reset_peak()
         stats = sync.sync(i + 1)
         peaks.append(status_bytes("VmHWM") - base)
         sync_s.append(stats.seconds)

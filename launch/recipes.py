@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,7 @@ RECIPES = {
                                         description="Qwen2.5-32B-Base, Lp-Reg on-policy, 64 GPUs"),
 }
 
-# The paper-scale comparison (issue 11): the same recipe with each method's overrides.
-COMPARISON_METHODS = {
-    "grpo": ["algo.loss=grpo"],
-    "entropy_bonus": ["algo.loss=grpo", "algo.entropy_coef=0.005"],
-    "80_20": ["algo.loss=grpo", "algo.high_entropy_fraction=0.2"],
-    "lp_reg": ["algo.loss=lp_reg"],
-}
+# The paper-scale comparison (issue 11): the same recipe with each method's overrides,
+# read from the tiny comparison's spec so both scales compare the same methods.
+COMPARISON_SPEC = Path(__file__).resolve().parents[1] / "examples" / "compare_tiny_cpu.yaml"
+COMPARISON_METHODS: dict[str, list[str]] = yaml.safe_load(COMPARISON_SPEC.read_text())["methods"]

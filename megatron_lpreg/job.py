@@ -28,11 +28,20 @@ def init_job(tp: int, pp: int = 1) -> None:
 
     platform.install_cpu_shims()
     if platform.cuda_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     dist.init_process_group(platform.default_backend())
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from global rank ``src`` to every rank (picklable objects)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def finish_job() -> None:

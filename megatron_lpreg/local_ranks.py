@@ -49,28 +49,17 @@ def _free_port() -> int:
 def _rank_main(rank, layout, port, fn, args, kwargs, threads, queue):
     try:
         import torch
-        import torch.distributed as dist
 
-        from megatron_lpreg import platform
+        from megatron_lpreg.job import finish_job, init_job
 
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(layout.world_size), LOCAL_RANK=str(rank))
-        platform.install_cpu_shims()
-        if platform.cuda_available():
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(platform.default_backend(), rank=rank, world_size=layout.world_size)
-        from megatron.core import parallel_state
-
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp
-        )
+        init_job(layout.tp, layout.pp)  # as the command lines do, from these variables
         try:
             result = fn(*args, **kwargs)
         finally:
-            parallel_state.destroy_model_parallel()
-            if dist.is_initialized():  # an in-process vLLM engine's shutdown may have done it
-                dist.destroy_process_group()
+            finish_job()
         # Plain pickle copies tensor storage into bytes; the queue's own pickler would
         # pass shared-memory handles that die with this process.
         queue.put((rank, True, pickle.dumps(result)))

@@ -12,10 +12,13 @@ mean over the first and the last ``--window`` steps.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_lpreg.trainer.metrics import read_metrics  # noqa: E402
 
 DEFAULT_METRICS = [
     "reward/mean",
@@ -33,8 +36,7 @@ def load(run: Path) -> list[dict]:
     path = run / "metrics.jsonl" if run.is_dir() else run
     if not path.exists():
         raise SystemExit(f"no metrics at {path}")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(path)
     if not rows:
         raise SystemExit(f"{path} is empty")
     return rows

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megatron_lpreg.config import EvalConfig
 from megatron_lpreg.data.prompts import encode_prompt
 from megatron_lpreg.eval.benchmarks import (
@@ -21,6 +19,7 @@ from megatron_lpreg.eval.benchmarks import (
     load_benchmark,
 )
 from megatron_lpreg.eval.estimators import avg_at_k, mean_pass_at_k
+from megatron_lpreg.job import broadcast_object
 from megatron_lpreg.rollout.engine import SamplingConfig
 
 
@@ -30,12 +29,6 @@ def benchmark_names(text: str) -> list[str]:
     if unknown:
         raise ValueError(f"unknown benchmarks {unknown}; known: {sorted(BENCHMARKS)}")
     return names
-
-
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_prompt_tokens: int = 4096,
@@ -61,7 +54,7 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
             truths = [problems[i].answer for i in batch.prompt_index]
             scores = [g.score for g in pool.score(texts, truths)]
-        scores = _broadcast(scores)
+        scores = broadcast_object(scores)
         per_problem = [[] for _ in problems]
         for i, s in zip(batch.prompt_index, scores, strict=True):
             per_problem[i].append(s)

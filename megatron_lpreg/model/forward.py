@@ -69,7 +69,7 @@ def run_micro_batches(
 
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
-        cfg = _unwrap(model).config
+        cfg = unwrap(model).config
         cfg.variable_seq_lengths = True
     b0, s0 = micro_batches[0].shape
     ctx = torch.no_grad() if forward_only else torch.enable_grad()
@@ -86,7 +86,8 @@ def run_micro_batches(
     return list(infos) if ps.is_pipeline_last_stage() else []
 
 
-def _unwrap(model):
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return model

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.model.builder import canonical_name
+from megatron_lpreg.model.forward import unwrap
 from megatron_lpreg.model.hf_config import ModelSpec
 from megatron_lpreg.model.mapping import all_rules, hf_shapes, megatron_shape, to_hf
 from megatron_lpreg.rollout.engine import RolloutEngine
@@ -44,13 +45,6 @@ class SyncStats:
     buckets: int = 0
     max_bucket_bytes: int = 0
     per_bucket: list[int] = field(default_factory=list)
-
-
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _buckets(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:

@@ -22,6 +22,7 @@ from megatron_lpreg.algo.advantages import grpo_advantages
 from megatron_lpreg.config import RunConfig, save_config
 from megatron_lpreg.data.prompts import ShuffledOrder, load_examples
 from megatron_lpreg.eval.run import evaluate
+from megatron_lpreg.job import broadcast_object
 from megatron_lpreg.model.builder import build_gpt, load_hf_weights
 from megatron_lpreg.model.convert import HFShards
 from megatron_lpreg.model.hf_config import load_spec
@@ -34,7 +35,6 @@ from megatron_lpreg.trainer.memory import estimate
 from megatron_lpreg.trainer.metrics import MetricsWriter, response_token_stats
 from megatron_lpreg.trainer.setup import (
     StopRequest,
-    broadcast_object,
     is_logging_rank,
     make_engine,
     make_optimizer,

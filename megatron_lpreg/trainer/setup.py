@@ -52,12 +52,6 @@ def is_logging_rank() -> bool:
             and ps.get_data_parallel_rank() == 0)
 
 
-def broadcast_object(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def model_overrides(par) -> dict:
     """TransformerConfig overrides from ``parallel.*``. Sequence parallelism needs
     Transformer Engine's norms (megatron's torch norm refuses it), so GPU only."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.rollout.weight_sync import unwrap
+from megatron_lpreg.model.forward import unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from megatron_lpreg.trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
@@ -40,8 +41,7 @@ def run_training(out: Path, task: Path, *extra: str, timeout: float = 600) -> su
 
 
 def metrics(out: Path) -> list[dict]:
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(out / "metrics.jsonl")
 
 
 def deterministic(record: dict) -> dict:
