@@ -20,6 +20,15 @@ reduce-scattered back.
 Memory: one chunk of logits and its gradient (plus cache-sized blocks) instead
 of the ``[tokens, vocab/tp]`` logits, their fp32 copy and their gradient. Time:
 one extra logits matmul per chunk (the recompute).
+
+:func:`fused_logprob_loss` removes that extra matmul when the loss is
+*token-separable* (the gradient of token t's log-prob depends on that token's
+log-prob and entropy only, as in PPO/GRPO and Lp-Reg with global selection): the
+loss's per-token gradient is known as soon as a chunk's log-probs are, so the
+chunk's logits gradient, ``d hidden`` and ``d W`` are formed in the forward
+while the chunk's logits still exist, and backward only scales them by the
+incoming scalar. Three logits-sized matmuls, like the unfused path, instead of
+four.
 """
 
 from __future__ import annotations
@@ -102,17 +111,109 @@ class _FusedLogProb(torch.autograd.Function):
             g = logprob_backward(logits, t1d[a:b], m_all[a:b], ls_all[a:b], h_all[a:b] if use_h else None,
                                  g_lp[a:b], g_h[a:b] if use_h else None, temperature, shard, use_h)
             del logits
-            grad_h[a:b] = g @ weight
-            grad_w.addmm_(g.t().to(grad_w.dtype), h2d[a:b].to(grad_w.dtype))
-        grad_h = grad_h.reshape(full.shape)
-        if group is not None and reduce_grad:
-            if sp:
-                out = torch.empty_like(hidden)
-                dist.reduce_scatter_tensor(out, grad_h.contiguous(), group=group)
-                grad_h = out
-            else:
-                dist.all_reduce(grad_h, group=group)
+            _accumulate(g, weight, h2d[a:b], grad_h[a:b], grad_w)
+        grad_h = _reduce_hidden_grad(grad_h.reshape(full.shape), hidden.shape, group, sp, reduce_grad)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None, None
+
+
+def _accumulate(g, weight, h_chunk, grad_h_out, grad_w) -> None:
+    """``grad_h_out = g @ W`` and ``grad_w += g^T @ h_chunk`` for one chunk's logits gradient
+    ``g [chunk, V/tp]``."""
+    torch.matmul(g.to(weight.dtype), weight, out=grad_h_out)  # a row slice of a contiguous buffer
+    grad_w.addmm_(g.t().to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+
+
+def _reduce_hidden_grad(grad_h, local_shape, group, sp: bool, reduce_grad: bool):
+    """The hidden states are replicated over TP: their gradient is the sum over ranks
+    (reduce-scattered back to the sequence split under sequence parallelism)."""
+    if group is None or not reduce_grad:
+        return grad_h
+    if sp:
+        out = grad_h.new_empty(local_shape)
+        dist.reduce_scatter_tensor(out, grad_h.contiguous(), group=group)
+        return out
+    dist.all_reduce(grad_h, group=group)
+    return grad_h
+
+
+def _token_grads(loss_of, lp, ent, lead, with_entropy):
+    """Run ``loss_of`` on leaf copies of ``lp``/``ent`` ``[n]``; returns ``(loss, aux,
+    d loss / d lp [n], d loss / d ent [n] or None)``."""
+    with torch.enable_grad():
+        lp_leaf = lp.detach().reshape(lead).requires_grad_()
+        ent_leaf = ent.detach().reshape(lead).requires_grad_() if with_entropy else None
+        loss, aux = loss_of(lp_leaf, ent_leaf)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_of must return a scalar loss, got shape {tuple(loss.shape)}")
+        leaves = [lp_leaf] + ([ent_leaf] if with_entropy else [])
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    g_lp = torch.zeros_like(lp) if grads[0] is None else grads[0].reshape(-1).to(lp.dtype)
+    g_h = grads[1].reshape(-1).to(lp.dtype) if with_entropy and grads[1] is not None else None
+    return loss.detach(), aux, g_lp, g_h
+
+
+class _FusedLogProbLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, loss_of, placeholder_lp, placeholder_ent, box, temperature, group,
+                vocab_size, with_entropy, sequence_parallel, chunk_tokens, block_elements, reduce_hidden_grad):
+        full = _gather_sequence(hidden, group) if sequence_parallel and group is not None else hidden
+        h2d = full.reshape(-1, full.shape[-1])
+        t1d = target.reshape(-1)
+        lead, n = target.shape, t1d.numel()
+        # not-yet-computed tokens hold placeholders: a token-separable loss's gradient
+        # for the current chunk does not depend on them
+        lp_all = placeholder_lp.detach().reshape(-1).to(torch.float32).clone()
+        ent_all = placeholder_ent.detach().reshape(-1).to(torch.float32).clone() if with_entropy else None
+        g_lp_all = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        g_h_all = torch.zeros_like(g_lp_all) if with_entropy else None
+        grad_h = torch.empty_like(h2d)
+        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        for a, b in _spans(0, n, chunk_tokens):
+            logits = h2d[a:b] @ weight.t()
+            shard = _make_shard(logits, group, vocab_size, None, block_elements)
+            lp, h, m, ls = logprob_forward(logits, t1d[a:b], temperature, group, shard, with_entropy)
+            lp_all[a:b] = lp
+            if with_entropy:
+                ent_all[a:b] = h
+            _, _, g_lp, g_h = _token_grads(loss_of, lp_all, ent_all, lead, with_entropy)
+            g_lp_all[a:b] = g_lp[a:b]
+            use_h = g_h is not None
+            if use_h:
+                g_h_all[a:b] = g_h[a:b]
+            g = logprob_backward(logits, t1d[a:b], m, ls, h, g_lp[a:b].to(shard.dtype),
+                                 g_h[a:b].to(shard.dtype) if use_h else None, temperature, shard, use_h)
+            del logits
+            _accumulate(g, weight, h2d[a:b], grad_h[a:b], grad_w)
+            del g
+        loss, aux, g_lp, g_h = _token_grads(loss_of, lp_all, ent_all, lead, with_entropy)
+        _check_separable(g_lp, g_lp_all, "log-prob")
+        if with_entropy:
+            _check_separable(torch.zeros_like(g_h_all) if g_h is None else g_h, g_h_all, "entropy")
+        box["aux"] = aux
+        ctx.save_for_backward(grad_h.reshape(full.shape), grad_w)
+        ctx.cfg = (group, sequence_parallel, reduce_hidden_grad, weight.dtype, hidden.shape)
+        entropy = ent_all.reshape(lead) if with_entropy else torch.zeros(0, device=hidden.device)
+        ctx.mark_non_differentiable(lp_all, entropy)
+        return loss.to(torch.float32), lp_all.reshape(lead), entropy
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lp, _g_ent):
+        grad_h, grad_w = ctx.saved_tensors
+        group, sp, reduce_grad, w_dtype, local_shape = ctx.cfg
+        grad_h = _reduce_hidden_grad(grad_h * g_loss.to(grad_h.dtype), local_shape, group, sp, reduce_grad)
+        return (grad_h, (grad_w * g_loss).to(w_dtype)) + (None,) * 13
+
+
+def _check_separable(final: torch.Tensor, per_chunk: torch.Tensor, what: str) -> None:
+    # The gradients used chunk by chunk (later tokens still placeholders) must equal the
+    # gradient at the final values: then the result is exact whatever the loss. A
+    # difference means the loss couples tokens, and the shortcut would be silently wrong.
+    scale = float(final.abs().max()) if final.numel() else 0.0
+    err = float((final - per_chunk).abs().max()) if final.numel() else 0.0
+    if err > 1e-5 * max(scale, 1e-30):
+        raise ValueError(
+            f"fused_logprob_loss: the loss is not token-separable (its {what} gradient changed by {err:.3g} "
+            f"of {scale:.3g} once later tokens were filled in); use fused_logprob (recompute in backward)")
 
 
 def fused_logprob(
@@ -152,6 +253,61 @@ def fused_logprob(
     lp, h = _FusedLogProb.apply(hidden, weight, target, float(temperature), group, vocab_size, with_entropy,
                                 sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad)
     return (lp, h) if with_entropy else lp
+
+
+def fused_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    loss_of,
+    *,
+    placeholder_logprob: torch.Tensor,
+    placeholder_entropy: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    tp_group=None,
+    vocab_size: int | None = None,
+    with_entropy: bool = False,
+    sequence_parallel: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    reduce_hidden_grad: bool = True,
+):
+    """A token-separable loss of ``log pi(target)`` (and entropy), gradients formed in the forward.
+
+    Args:
+        hidden, weight, target, temperature, tp_group, vocab_size, with_entropy,
+            sequence_parallel, chunk_tokens, block_elements, reduce_hidden_grad: as
+            :func:`fused_logprob`.
+        loss_of: ``(logprob [...] fp32, entropy [...] fp32 | None) -> (scalar loss, aux)``.
+            Called once per chunk and once at the end; it must be token-separable and
+            free of collectives. Checked: the per-token gradients used chunk by chunk must
+            equal those at the final values (else ValueError), so an accepted result is
+            exact.
+        placeholder_logprob, placeholder_entropy: ``[...]`` values the not-yet-computed
+            tokens hold during the per-chunk calls (e.g. the old policy's), so the loss
+            sees finite, plausible inputs.
+
+    Returns:
+        ``(loss, logprob, entropy or None, aux)``: the scalar loss (fp32) with gradients
+        to ``hidden`` and ``weight``; log-probs and entropies detached; ``aux`` from
+        the final call of ``loss_of``.
+    """
+    group = _effective_group(tp_group)
+    _check(hidden, weight, target, sequence_parallel, group)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    needed = [("placeholder_logprob", placeholder_logprob)]
+    if with_entropy:
+        needed.append(("placeholder_entropy", placeholder_entropy))
+    for name, t in needed:
+        if t is None or tuple(t.shape) != tuple(target.shape):
+            raise ValueError(f"{name} must have the target's shape {tuple(target.shape)}, got "
+                             f"{None if t is None else tuple(t.shape)}")
+    box: dict = {}
+    loss, lp, ent = _FusedLogProbLoss.apply(
+        hidden, weight, target, loss_of, placeholder_logprob, placeholder_entropy, box, float(temperature), group,
+        vocab_size, with_entropy, sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad)
+    return loss, lp, (ent if with_entropy else None), box.get("aux")
 
 
 @torch.no_grad()

@@ -88,3 +88,114 @@ def test_shape_errors():
         fused_logprob(torch.randn(4, 8), torch.randn(16, 9), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="target"):
         fused_logprob(torch.randn(4, 8), torch.randn(16, 8), torch.zeros(5, dtype=torch.long))
+
+
+# --- fused_logprob_loss: the loss's gradient formed in the forward ---------------------
+
+B, S = 3, 12  # B * S = T tokens as a [batch, response_len] grid; S splits over TP=2 for SP
+
+
+def _loss_inputs():
+    """Old-policy log-probs near the current ones (some ratios clipped), proxy log-probs
+    above some of the lowest log-probs (Lp-Reg regularises those), mixed advantages."""
+    hidden, weight, target, _, _ = _inputs(torch.float32)
+    from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
+
+    lp = vocab_parallel_logprob(hidden @ weight.t(), target, vocab_size=VOCAB, temperature=0.7).reshape(B, S)
+    g = torch.Generator().manual_seed(1)
+    old = lp + 0.3 * torch.randn(B, S, generator=g)
+    proxy = lp + torch.randn(B, S, generator=g)
+    adv = torch.randn(B, 1, generator=g).expand(B, S).clone()
+    mask = (torch.rand(B, S, generator=g) > 0.15).float()
+    thr = float(lp[(adv < 0) & (mask > 0)].kthvalue(3).values)
+    return old, proxy, adv, mask, thr
+
+
+def _lp_reg_loss_of(old, proxy, adv, mask, thr):
+    from megatron_lpreg.loss.entropy_control import entropy_bonus
+    from megatron_lpreg.loss.lp_reg import lp_reg_loss
+
+    def loss_of(lp, ent):
+        loss, metrics = lp_reg_loss(lp, old, proxy, adv, mask, thresholds=(thr, None), entropy=ent)
+        return entropy_bonus(loss, ent, mask, coef=0.05, loss_agg_mode="token-mean"), metrics
+
+    return loss_of
+
+
+def _loss_rank(sequence_parallel):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_lpreg.ops.fused_output import fused_logprob_loss
+    from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
+
+    group = ps.get_tensor_model_parallel_group()
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    hidden, weight, target, _, _ = _inputs(torch.float32)
+    hidden, target = hidden.reshape(B, S, H), target.reshape(B, S)
+    w_shard = weight.chunk(tp)[rank].clone()
+    old, proxy, adv, mask, thr = _loss_inputs()
+    loss_of = _lp_reg_loss_of(old, proxy, adv, mask, thr)
+
+    h_ref, w_ref = hidden.clone().requires_grad_(), w_shard.clone().requires_grad_()
+    lp, ent = vocab_parallel_logprob(h_ref @ w_ref.t(), target, tp_group=group, vocab_size=VOCAB, temperature=0.7,
+                                     with_entropy=True)
+    loss_ref, metrics_ref = loss_of(lp, ent)
+    (3.0 * loss_ref).backward()  # a non-unit upstream gradient, as the trainer's loss scaling gives
+    h_grad_ref = h_ref.grad.clone()
+    dist.all_reduce(h_grad_ref, group=group)
+
+    # sequence parallelism splits the first (sequence) dimension: [S, B, H] as megatron lays it out
+    if sequence_parallel:
+        h_full, tgt, ph_lp, ph_ent = (hidden.transpose(0, 1), target.t(), old.t(), torch.zeros(S, B))
+        h_in = h_full.chunk(tp)[rank].clone().requires_grad_()
+        t_loss = lambda lp_, ent_: loss_of(lp_.t(), ent_.t())  # noqa: E731
+        h_grad_ref = h_grad_ref.transpose(0, 1).chunk(tp)[rank]
+    else:
+        h_in, tgt, ph_lp, ph_ent, t_loss = hidden.clone().requires_grad_(), target, old, torch.zeros(B, S), loss_of
+    w_in = w_shard.clone().requires_grad_()
+    loss, lp2, ent2, metrics = fused_logprob_loss(
+        h_in, w_in, tgt, t_loss, placeholder_logprob=ph_lp, placeholder_entropy=ph_ent, tp_group=group,
+        vocab_size=VOCAB, temperature=0.7, with_entropy=True, sequence_parallel=sequence_parallel, chunk_tokens=8)
+    (3.0 * loss).backward()
+    if sequence_parallel:
+        lp2, ent2 = lp2.t(), ent2.t()
+    return {
+        "loss": (loss.detach(), loss_ref.detach()), "lp": (lp2, lp.detach()), "ent": (ent2, ent.detach()),
+        "h_grad": (h_in.grad, h_grad_ref), "w_grad": (w_in.grad, w_ref.grad),
+        "regularised": (torch.tensor(metrics["lp_reg/regularised_tokens"]),
+                        torch.tensor(metrics_ref["lp_reg/regularised_tokens"])),
+    }
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (4, False), (2, True)], ids=["tp1", "tp2", "tp4", "tp2-sp"])
+def test_fused_loss_equals_unfused(tp, sp):
+    for r in run_ranks(_loss_rank, tp, sp):
+        assert int(r["regularised"][1]) > 0  # the Lp-Reg branch is exercised, not only PPO
+        for key, (got, ref) in r.items():
+            torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_fused_loss_refuses_a_loss_that_couples_tokens():
+    from megatron_lpreg.loss.lp_reg import lp_reg_loss
+    from megatron_lpreg.ops.fused_output import fused_logprob_loss
+
+    hidden, weight, target, _, _ = _inputs(torch.float32)
+    hidden, target = hidden.reshape(B, S, H), target.reshape(B, S)
+    old, proxy, adv, mask, _ = _loss_inputs()
+    h = hidden.clone().requires_grad_()
+
+    def coupled(lp, ent):  # the reference's micro-batch selection: the lowest log-probs *of this batch*
+        return lp_reg_loss(lp, old, lp.detach() + 1, adv, mask, neg_percent=0.2)  # every selected one regularised
+
+    def softmax_over_tokens(lp, ent):
+        return torch.logsumexp(lp.flatten(), 0), {}
+
+    # placeholders below every real log-prob: while later tokens are unknown the coupled
+    # selection picks placeholders, at the end it picks real tokens, so the gradients differ
+    for loss_of in (coupled, softmax_over_tokens):
+        with pytest.raises(ValueError, match="not token-separable"):
+            fused_logprob_loss(h, weight, target, loss_of, placeholder_logprob=old - 100, vocab_size=VOCAB,
+                               chunk_tokens=8)
+    with pytest.raises(ValueError, match="placeholder_logprob"):
+        fused_logprob_loss(h, weight, target, softmax_over_tokens, placeholder_logprob=old[:2], vocab_size=VOCAB)
