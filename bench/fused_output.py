@@ -4,13 +4,15 @@ Side by side in one run, per (tokens, TP) point, in fresh gloo ranks, forward +
 backward of ``sum(c1 * log p + c2 * H)`` with gradients for the hidden states and
 the weight shard:
 
-  unfused   logits = hidden @ W_shard^T, then vocab_parallel_logprob
-  fused     fused_logprob (chunks of --chunk tokens, logits recomputed in backward)
+  unfused       logits = hidden @ W_shard^T, then vocab_parallel_logprob
+  fused         fused_logprob (chunks of --chunk tokens, logits recomputed in backward)
+  fused_loss    fused_logprob_loss (the loss is token-separable: gradients formed in the
+                forward, no recompute; what the trainer uses for PPO/GRPO/Lp-Reg)
 
 Reports seconds and peak RSS growth beyond the gradients both methods must
 return (VmHWM after a reset minus the weight-shard and hidden-state gradients, per
-rank, max over ranks) and the ratios fused / unfused. Targets (issue 10): memory <= 1/8, time <=
-1.2x on CPU. Prints one JSON document.
+rank, max over ranks) and the ratios of each fused method to unfused. Targets (issue 10):
+memory <= 1/8, time <= 1.2x on CPU. Prints one JSON document.
 
     python bench/fused_output.py                           # hidden 5120, vocab 152,064, 4096 tokens, TP 2
     python bench/fused_output.py --tokens 4096 8192 --tp 1 2
@@ -32,12 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 from megatron_lpreg.local_ranks import run_ranks  # noqa: E402
 
+METHODS = ("unfused", "fused", "fused_loss")
+
 
 def _rank(tokens: int, hidden: int, vocab: int, chunk: int, method: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_lpreg.ops.fused_output import fused_logprob
+    from megatron_lpreg.ops.fused_output import fused_logprob, fused_logprob_loss
     from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
 
     group = ps.get_tensor_model_parallel_group()
@@ -54,11 +58,21 @@ def _rank(tokens: int, hidden: int, vocab: int, chunk: int, method: str) -> dict
     base = status_bytes("VmRSS")
     reset_peak()
     t = time.perf_counter()
-    if method == "fused":
-        lp, ent = fused_logprob(h, w, target, tp_group=group, vocab_size=vocab, with_entropy=True, chunk_tokens=chunk)
+    def loss_of(lp, ent):
+        return (lp * c1).sum() + (ent * c2).sum(), None
+
+    if method == "fused_loss":
+        zeros = torch.zeros(tokens)
+        loss, lp, _, _ = fused_logprob_loss(h, w, target, loss_of, placeholder_logprob=zeros, placeholder_entropy=zeros,
+                                            tp_group=group, vocab_size=vocab, with_entropy=True, chunk_tokens=chunk)
     else:
-        lp, ent = vocab_parallel_logprob(h @ w.t(), target, tp_group=group, vocab_size=vocab, with_entropy=True)
-    ((lp * c1).sum() + (ent * c2).sum()).backward()
+        if method == "fused":
+            lp, ent = fused_logprob(h, w, target, tp_group=group, vocab_size=vocab, with_entropy=True,
+                                    chunk_tokens=chunk)
+        else:
+            lp, ent = vocab_parallel_logprob(h @ w.t(), target, tp_group=group, vocab_size=vocab, with_entropy=True)
+        loss, _ = loss_of(lp, ent)
+    loss.backward()
     if method == "unfused":
         dist.all_reduce(h.grad, group=group)  # what the column-parallel layer's backward does
     seconds = time.perf_counter() - t
@@ -82,15 +96,17 @@ def main() -> None:
         for tp in args.tp:
             chunk = args.chunk or max(1, tokens // 16)
             point = {"tokens": tokens, "tp": tp, "hidden": args.hidden, "vocab": args.vocab, "chunk": chunk}
-            for method in ("unfused", "fused"):
+            for method in METHODS:
                 per_rank = run_ranks(_rank, tp, tokens, args.hidden, args.vocab, chunk, method, timeout=3600)
                 point[f"{method}_s"] = round(max(r["seconds"] for r in per_rank), 3)
                 point[f"{method}_peak_mb"] = round(max(r["peak_extra_bytes"] for r in per_rank) / 2**20, 1)
                 point[f"{method}_lp_sum"] = per_rank[0]["lp_sum"]
-            point["time_ratio"] = round(point["fused_s"] / point["unfused_s"], 3)
-            point["memory_ratio"] = round(point["fused_peak_mb"] / max(point["unfused_peak_mb"], 1e-9), 3)
-            point["same_result"] = abs(point["fused_lp_sum"] - point["unfused_lp_sum"]) <= 1e-4 * abs(
-                point["unfused_lp_sum"])
+            for method in METHODS[1:]:
+                point[f"{method}_time_ratio"] = round(point[f"{method}_s"] / point["unfused_s"], 3)
+                point[f"{method}_memory_ratio"] = round(
+                    point[f"{method}_peak_mb"] / max(point["unfused_peak_mb"], 1e-9), 3)
+                point[f"{method}_same_result"] = abs(point[f"{method}_lp_sum"] - point["unfused_lp_sum"]) <= 1e-4 * abs(
+                    point["unfused_lp_sum"])
             results.append(point)
             print(json.dumps(point), file=sys.stderr, flush=True)
     print(json.dumps({"benchmark": "fused_output", "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -31,3 +31,19 @@ def get_policy_loss(name: str) -> Callable:
     if name not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {name!r}; registered: {sorted(POLICY_LOSSES)}")
     return POLICY_LOSSES[name]
+
+
+def token_separable(name: str, *, global_selection: bool) -> bool:
+    """Whether the loss's gradient for a token's log-prob depends on that token alone
+    (its log-prob, entropy and fixed per-token inputs). Such losses let the fused output
+    layer form gradients in the forward
+    (:func:`megatron_lpreg.ops.fused_output.fused_logprob_loss`). Lp-Reg is separable
+    with ``global`` selection (fixed thresholds), not with the reference's micro-batch
+    ranking; GSPO (sequence ratios) and the covariance losses (batch statistics) never
+    are. The entropy bonus and the 80/20 mask keep a loss separable."""
+    get_policy_loss(name)
+    if name in ("grpo", "ppo"):
+        return True
+    if name == "lp_reg":
+        return global_selection
+    return False

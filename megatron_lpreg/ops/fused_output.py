@@ -17,7 +17,7 @@ With sequence parallelism the hidden states arrive split along the first
 (sequence) dimension: they are all-gathered in forward and the gradient is
 reduce-scattered back.
 
-Memory: one chunk of logits and its gradient (plus cache-sized blocks) instead
+Memory: one chunk of logits, overwritten by its gradient (plus cache-sized blocks) instead
 of the ``[tokens, vocab/tp]`` logits, their fp32 copy and their gradient. Time:
 one extra logits matmul per chunk (the recompute).
 
@@ -32,6 +32,8 @@ four.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -109,8 +111,7 @@ class _FusedLogProb(torch.autograd.Function):
             logits = h2d[a:b] @ weight.t()
             shard = _make_shard(logits, group, vocab_size, None, block_elements)
             g = logprob_backward(logits, t1d[a:b], m_all[a:b], ls_all[a:b], h_all[a:b] if use_h else None,
-                                 g_lp[a:b], g_h[a:b] if use_h else None, temperature, shard, use_h)
-            del logits
+                                 g_lp[a:b], g_h[a:b] if use_h else None, temperature, shard, use_h, out=logits)
             _accumulate(g, weight, h2d[a:b], grad_h[a:b], grad_w)
         grad_h = _reduce_hidden_grad(grad_h.reshape(full.shape), hidden.shape, group, sp, reduce_grad)
         return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None, None
@@ -181,16 +182,17 @@ class _FusedLogProbLoss(torch.autograd.Function):
             if use_h:
                 g_h_all[a:b] = g_h[a:b]
             g = logprob_backward(logits, t1d[a:b], m, ls, h, g_lp[a:b].to(shard.dtype),
-                                 g_h[a:b].to(shard.dtype) if use_h else None, temperature, shard, use_h)
-            del logits
+                                 g_h[a:b].to(shard.dtype) if use_h else None, temperature, shard, use_h, out=logits)
             _accumulate(g, weight, h2d[a:b], grad_h[a:b], grad_w)
-            del g
+            del logits, g
         loss, aux, g_lp, g_h = _token_grads(loss_of, lp_all, ent_all, lead, with_entropy)
         _check_separable(g_lp, g_lp_all, "log-prob")
         if with_entropy:
             _check_separable(torch.zeros_like(g_h_all) if g_h is None else g_h, g_h_all, "entropy")
         box["aux"] = aux
-        ctx.save_for_backward(grad_h.reshape(full.shape), grad_w)
+        # plain attributes, not save_for_backward: backward hands these very buffers on
+        # (scaled in place), so the weight gradient never exists twice
+        ctx.grads = (grad_h.reshape(full.shape), grad_w)
         ctx.cfg = (group, sequence_parallel, reduce_hidden_grad, weight.dtype, hidden.shape)
         entropy = ent_all.reshape(lead) if with_entropy else torch.zeros(0, device=hidden.device)
         ctx.mark_non_differentiable(lp_all, entropy)
@@ -198,18 +200,22 @@ class _FusedLogProbLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_lp, _g_ent):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
         group, sp, reduce_grad, w_dtype, local_shape = ctx.cfg
-        grad_h = _reduce_hidden_grad(grad_h * g_loss.to(grad_h.dtype), local_shape, group, sp, reduce_grad)
-        return (grad_h, (grad_w * g_loss).to(w_dtype)) + (None,) * 13
+        grad_h = _reduce_hidden_grad(grad_h.mul_(g_loss.to(grad_h.dtype)), local_shape, group, sp, reduce_grad)
+        return (grad_h, grad_w.mul_(g_loss).to(w_dtype)) + (None,) * 13
 
 
 def _check_separable(final: torch.Tensor, per_chunk: torch.Tensor, what: str) -> None:
     # The gradients used chunk by chunk (later tokens still placeholders) must equal the
     # gradient at the final values: then the result is exact whatever the loss. A
     # difference means the loss couples tokens, and the shortcut would be silently wrong.
-    scale = float(final.abs().max()) if final.numel() else 0.0
-    err = float((final - per_chunk).abs().max()) if final.numel() else 0.0
+    if not final.numel():
+        return
+    scale, err = float(final.abs().max()), float((final - per_chunk).abs().max())
+    if not (math.isfinite(scale) and math.isfinite(err)):
+        return  # a non-finite loss is the caller's to handle (the trainer skips the step)
     if err > 1e-5 * max(scale, 1e-30):
         raise ValueError(
             f"fused_logprob_loss: the loss is not token-separable (its {what} gradient changed by {err:.3g} "

@@ -445,10 +445,10 @@ def token_stats(
 # autograd pass (the update): log-prob and entropy with gradients
 
 
-def _grad_buffer(logits2d: torch.Tensor, shard: _Shard) -> torch.Tensor:
+def _grad_buffer(logits2d: torch.Tensor, shard: _Shard, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient w.r.t. the shard: the blocked backward writes every valid column, so
     only the padded columns are zeroed here (not a full extra pass over the logits)."""
-    grad = torch.empty_like(logits2d)
+    grad = torch.empty_like(logits2d) if out is None else out
     grad[:, shard.n_valid :] = 0
     return grad
 
@@ -511,14 +511,17 @@ def logprob_forward(logits2d, target1d, temperature, group, shard, with_entropy)
     return logprob, entropy, m_all, log_s_all
 
 
-def logprob_backward(logits2d, target1d, m_all, log_s_all, entropy, g_lp, g_h, temperature, shard, with_entropy):
+def logprob_backward(logits2d, target1d, m_all, log_s_all, entropy, g_lp, g_h, temperature, shard, with_entropy,
+                     out=None):
     """Gradient w.r.t. the logits shard ``[n, V/tp]`` from the saved per-token ``m``,
-    ``log S`` and ``H``; no collective."""
+    ``log S`` and ``H``; no collective. ``out``: where to write it; may be ``logits2d``
+    itself (each block of rows is read before it is written), which the fused output
+    layer does with a chunk's logits it no longer needs."""
     n = target1d.numel()
     use_h = with_entropy and g_h is not None and g_h.numel() == n
     if g_lp is None:
         g_lp = torch.zeros(n, dtype=shard.dtype, device=logits2d.device)
-    grad = _grad_buffer(logits2d, shard)
+    grad = _grad_buffer(logits2d, shard, out)
     blocks = _Blocks(shard, logits2d.device)
     col, owned = _target_columns(target1d, shard)
     for a, b in _spans(0, n, shard.block):

@@ -104,6 +104,17 @@ class RolloutEngine(ABC):
         """Replace the engine's weights: ``(hf_name, full tensor)`` pairs, streamed."""
         raise NotImplementedError
 
+    def local_params(self, *, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor] | None:
+        """The engine's own parameters on this rank by HF-style name (its TP shard), for
+        direct in-place copies, or None when they do not correspond to the trainer's
+        TP rank ``tp_rank`` of ``tp_size`` (then only :meth:`load_weights` is used)."""
+        return None
+
+    def weights_updated(self) -> None:
+        """Called after every sync (direct copies and/or :meth:`load_weights`): drop
+        whatever was computed with the old weights."""
+        return None
+
     def set_version(self, version: int) -> None:
         self.weights_version = version
 

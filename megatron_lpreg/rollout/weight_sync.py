@@ -17,10 +17,22 @@ of a fused tensor always arrive together, which vLLM's layer-wise reload needs.
 The engine lives in the trainer's processes (vLLM's ``external_launcher``), so
 handing tensors over is a function call on both CPU and GPU: no serialisation,
 no CUDA IPC handles.
+
+Direct shard copy (the default when the engine exposes its parameters): when the
+rollout TP equals the trainer's, TP rank r of vLLM holds exactly the heads,
+FFN columns and rows that megatron's TP rank r holds, only laid out differently
+for the fused q/k/v (megatron interleaves per key/value group, vLLM stacks q, k,
+v). So each rank copies its own shards straight into vLLM's parameters, q/k/v
+de-interleaved on the way; no TP collective, no bucket. Under pipeline
+parallelism each stage's shards are broadcast to the other stages of the same TP
+rank (vLLM holds every layer). Tensors whose shards do not line up (the
+vocabulary rows, when vLLM pads the vocabulary differently) go through the
+bucketed stream above.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +43,14 @@ import torch.distributed as dist
 from megatron_lpreg.model.builder import canonical_name
 from megatron_lpreg.model.forward import unwrap
 from megatron_lpreg.model.hf_config import ModelSpec
-from megatron_lpreg.model.mapping import all_rules, hf_shapes, megatron_shape, to_hf
+from megatron_lpreg.model.mapping import (
+    FusedQKV,
+    all_rules,
+    hf_shapes,
+    megatron_shape,
+    split_qkv,
+    to_hf,
+)
 from megatron_lpreg.rollout.engine import RolloutEngine
 from megatron_lpreg.tp_layout import gather_full, tp_partition
 
@@ -41,10 +60,12 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 @dataclass
 class SyncStats:
     seconds: float = 0.0
-    bytes: int = 0
+    bytes: int = 0  # through the bucketed stream (full HF tensors)
     buckets: int = 0
     max_bucket_bytes: int = 0
     per_bucket: list[int] = field(default_factory=list)
+    direct_bytes: int = 0  # copied shard to shard
+    direct_tensors: int = 0
 
 
 def _buckets(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
@@ -59,38 +80,55 @@ def _buckets(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[
     return [b for b in out if b]
 
 
-def hf_weight_stream(
-    model, spec: ModelSpec, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, full tensor)`` for every HF weight of the model, bucket by bucket.
-
-    Every rank of the job must consume the stream to the end in the same order
-    (it runs collectives). ``model``: this rank's (possibly wrapped) GPTModel stage.
-    """
-    from megatron.core import parallel_state as ps
-
-    gpt = unwrap(model)
-    rules = all_rules(spec)
+def _local_params(gpt, spec: ModelSpec, rules) -> dict[str, torch.Tensor]:
     local: dict[str, torch.Tensor] = {}
     for name, p in gpt.named_parameters():
         local.setdefault(canonical_name(gpt, name, spec), p)
     unknown = set(local) - set(rules)
     if unknown:
         raise KeyError(f"parameters without a mapping entry: {sorted(unknown)}")
+    return local
 
-    pp_group = ps.get_pipeline_model_parallel_group()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    owner_rank: dict[str, int] = {}  # global rank in my PP group that sends each tensor
-    if pp > 1:
-        names_by_stage: list = [None] * pp
-        dist.all_gather_object(names_by_stage, sorted(local), group=pp_group)
+
+def _owners(local: dict[str, torch.Tensor], rules, pp_group, pp: int) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Each parameter -> (global rank in my PP group that holds it, its local shape).
+    The lowest stage wins (tied embedding copies). Collective over the PP group."""
+    if pp == 1:
+        owners = {n: (dist.get_rank(), tuple(p.shape)) for n, p in local.items()}
+    else:
+        by_stage: list = [None] * pp
+        dist.all_gather_object(by_stage, {n: tuple(p.shape) for n, p in local.items()}, group=pp_group)
         ranks = dist.get_process_group_ranks(pp_group)
-        for stage in reversed(range(pp)):  # the lowest stage wins (tied embedding copies)
-            for n in names_by_stage[stage]:
-                owner_rank[n] = ranks[stage]
-    missing = set(rules) - (set(owner_rank) if pp > 1 else set(local))
+        owners = {}
+        for stage in reversed(range(pp)):
+            for n, shape in by_stage[stage].items():
+                owners[n] = (ranks[stage], shape)
+    missing = set(rules) - set(owners)
     if missing:
         raise KeyError(f"no pipeline stage holds {sorted(missing)[:5]}")
+    return owners
+
+
+def hf_weight_stream(
+    model, spec: ModelSpec, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
+    only: set[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor)`` for every HF weight of the model, bucket by bucket.
+
+    Every rank of the job must consume the stream to the end in the same order
+    (it runs collectives). ``model``: this rank's (possibly wrapped) GPTModel stage.
+    ``only``: megatron names to stream (default: all), the same on every rank.
+    """
+    from megatron.core import parallel_state as ps
+
+    gpt = unwrap(model)
+    rules = all_rules(spec)
+    local = _local_params(gpt, spec, rules)
+    pp_group = ps.get_pipeline_model_parallel_group()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    owner_rank = {n: r for n, (r, _) in _owners(local, rules, pp_group, pp).items()}
+    if only is not None:
+        rules = {n: r for n, r in rules.items() if n in only}
 
     dtype = next(iter(local.values())).dtype
     padded = gpt.vocab_size
@@ -127,11 +165,90 @@ def hf_weight_stream(
             yield from to_hf(spec, n, rules[n], full.pop(n))
 
 
-class WeightSync:
-    """Keeps a rollout engine's weights equal to the trainer's, with a version number."""
+# vLLM's Qwen2/Qwen3/Llama stack HF q/k/v into qkv_proj and gate/up into gate_up_proj
+_ENGINE_STACKED = {".q_proj.": ".qkv_proj.", ".gate_proj.": ".gate_up_proj."}
 
-    def __init__(self, model, spec: ModelSpec, engine: RolloutEngine, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+
+def _engine_name(rule) -> str:
+    name = rule if isinstance(rule, str) else rule.q if isinstance(rule, FusedQKV) else rule.gate
+    for hf, fused in _ENGINE_STACKED.items():
+        name = name.replace(hf, fused)
+    return name
+
+
+def _direct_plan(rules, owners, engine_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """megatron name -> the engine parameter its local shard is copied into, for every
+    parameter whose shard lines up with the engine's (same number of elements, and the
+    same shape unless it is a fused q/k/v that is re-laid out). The same on every rank
+    of a TP group, since shapes are."""
+    plan = {}
+    for n, rule in rules.items():
+        dst = engine_params.get(_engine_name(rule))
+        shape = owners[n][1]
+        if dst is None or dst.numel() != torch.Size(shape).numel():
+            continue
+        if isinstance(rule, FusedQKV) or tuple(dst.shape) == tuple(shape):
+            plan[n] = dst
+    return plan
+
+
+def _copy_shard(src: torch.Tensor, rule, dst: torch.Tensor, local_spec: ModelSpec) -> None:
+    if isinstance(rule, FusedQKV):
+        offset = 0
+        for part in split_qkv(src, local_spec):
+            dst[offset:offset + part.shape[0]].copy_(part)
+            offset += part.shape[0]
+    else:  # plain, FusedGateUp ([gate_r; up_r] on both sides) and vocabulary rows that line up
+        dst.copy_(src)
+
+
+class WeightSync:
+    """Keeps a rollout engine's weights equal to the trainer's, with a version number.
+
+    ``direct``: copy shard to shard where the engine's TP layout matches the trainer's
+    (see the module docstring); the rest, or everything with ``direct=False``, goes
+    through the bucketed stream."""
+
+    def __init__(self, model, spec: ModelSpec, engine: RolloutEngine, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 direct: bool = True):
         self.model, self.spec, self.engine, self.bucket_bytes = model, spec, engine, bucket_bytes
+        self.direct = direct
+        self._plan = None
+
+    def _make_plan(self):
+        from megatron.core import parallel_state as ps
+
+        gpt = unwrap(self.model)
+        rules = all_rules(self.spec)
+        local = _local_params(gpt, self.spec, rules)
+        pp_group = ps.get_pipeline_model_parallel_group()
+        owners = _owners(local, rules, pp_group, ps.get_pipeline_model_parallel_world_size())
+        tp = ps.get_tensor_model_parallel_world_size()
+        engine_params = self.engine.local_params(tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp) \
+            if self.direct else None
+        plan = _direct_plan(rules, owners, engine_params) if engine_params is not None else {}
+        # the stream of the rest runs collectives over the whole job: every rank must agree on it
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sorted(plan))
+        common = set.intersection(*(set(x) for x in everyone))
+        plan = {n: dst for n, dst in plan.items() if n in common}
+        local_spec = dataclasses.replace(self.spec, num_attention_heads=self.spec.num_attention_heads // tp,
+                                         num_query_groups=self.spec.num_query_groups // tp)
+        self._plan = (rules, local, owners, plan, local_spec, pp_group)
+
+    def _copy_direct(self, stats: SyncStats) -> None:
+        rules, local, owners, plan, local_spec, pp_group = self._plan
+        me, pp = dist.get_rank(), dist.get_world_size(pp_group)
+        dtype = next(iter(local.values())).dtype
+        for n, dst in plan.items():
+            owner, shape = owners[n]
+            src = local[n].detach() if owner == me else torch.empty(shape, dtype=dtype, device=dst.device)
+            if pp > 1:  # vLLM holds every layer: the owning stage sends its shard to the others
+                src = src.contiguous()
+                dist.broadcast(src, src=owner, group=pp_group)
+            _copy_shard(src, rules[n], dst, local_spec)
+            stats.direct_bytes += dst.numel() * dst.element_size()
+            stats.direct_tensors += 1
 
     @torch.no_grad()
     def sync(self, version: int) -> SyncStats:
@@ -139,8 +256,16 @@ class WeightSync:
         stats = SyncStats()
         t0 = time.perf_counter()
         if not self.engine.shares_trainer_weights:
-            self.engine.load_weights(hf_weight_stream(self.model, self.spec, bucket_bytes=self.bucket_bytes,
-                                                      stats=stats))
+            if self._plan is None:
+                self._make_plan()
+            rules, _, _, plan, _, _ = self._plan
+            self._copy_direct(stats)
+            rest = set(rules) - set(plan)
+            if rest:
+                self.engine.load_weights(hf_weight_stream(self.model, self.spec, bucket_bytes=self.bucket_bytes,
+                                                          stats=stats, only=rest))
+            self.engine.weights_updated()
         self.engine.set_version(version)
         stats.seconds = time.perf_counter() - t0
         return stats
+

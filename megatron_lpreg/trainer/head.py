@@ -15,7 +15,7 @@ import types
 
 import torch
 
-from megatron_lpreg.ops.fused_output import fused_logprob, fused_token_stats
+from megatron_lpreg.ops.fused_output import fused_logprob, fused_logprob_loss, fused_token_stats
 from megatron_lpreg.ops.vocab_parallel import TokenStats, token_stats, vocab_parallel_logprob
 
 
@@ -58,3 +58,24 @@ class OutputHead:
             return fused_logprob(out, self.weight(), target, chunk_tokens=self.chunk_tokens,
                                  reduce_hidden_grad=not self.sequence_parallel, **kw)
         return vocab_parallel_logprob(out, target, **kw)
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor, loss_of, *, temperature: float, separable: bool,
+             placeholder_logprob: torch.Tensor, placeholder_entropy: torch.Tensor | None,
+             with_entropy: bool = True):
+        """``loss_of(logprob, entropy) -> (scalar loss, metrics)`` on the log-probs and
+        entropies (None unless ``with_entropy``) of ``target`` ``[b, s]``; returns what it returns, the loss
+        differentiable. A fused head with a token-separable loss (``separable``, see
+        :func:`megatron_lpreg.loss.registry.token_separable`) forms the gradients in the
+        forward; otherwise the log-probs are computed first (fused: recomputing each
+        chunk's logits in backward). Placeholders ``[b, s]``: values the per-chunk calls
+        see for tokens not computed yet (the old policy's)."""
+        if self.fused and separable:
+            loss, _, _, metrics = fused_logprob_loss(
+                out, self.weight(), target, loss_of, placeholder_logprob=placeholder_logprob,
+                placeholder_entropy=placeholder_entropy, temperature=temperature, tp_group=self.tp_group,
+                vocab_size=self.vocab_size, with_entropy=with_entropy, chunk_tokens=self.chunk_tokens,
+                reduce_hidden_grad=not self.sequence_parallel)
+            return loss, metrics
+        if with_entropy:
+            return loss_of(*self.logprob(out, target, temperature=temperature, with_entropy=True))
+        return loss_of(self.logprob(out, target, temperature=temperature, with_entropy=False), None)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_lpreg.config import AlgoConfig
 from megatron_lpreg.loss.entropy_control import entropy_bonus, high_entropy_mask
 from megatron_lpreg.loss.lp_reg import global_thresholds
-from megatron_lpreg.loss.registry import get_policy_loss
+from megatron_lpreg.loss.registry import get_policy_loss, token_separable
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
 from megatron_lpreg.trainer.batching import Sequences, token_budget_micro_batches
 
@@ -99,12 +99,12 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, hea
 
         n_micro = len(micro)
 
+        separable = token_separable(algo.loss, global_selection=thresholds is not None)
+
         def on_logits(mb: MicroBatch, logits: torch.Tensor, n_micro=n_micro, thresholds=thresholds,
-                      total_units=total_units):
+                      total_units=total_units, separable=separable):
             e = mb.extra
             w = logits.shape[1]
-            logprob, entropy = head.logprob(logits, e["targets"].to(logits.device), temperature=temperature,
-                                            with_entropy=True)
             cut = lambda t: t[:, :w].to(logits.device)  # noqa: E731
             mask = cut(e["mask"])
             if algo.high_entropy_fraction < 1.0:
@@ -114,13 +114,21 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, hea
                 extra_kw["proxy_log_prob"] = cut(e["proxy_logprob"])
                 if thresholds is not None:
                     extra_kw["thresholds"] = thresholds
-            loss, metrics = loss_fn(log_prob=logprob, old_log_prob=cut(e["old_logprob"]),
-                                    advantages=cut(e["advantages"]), response_mask=mask, entropy=entropy, **extra_kw)
-            if algo.entropy_coef > 0:
-                loss = entropy_bonus(loss, entropy, mask, coef=algo.entropy_coef, loss_agg_mode=algo.loss_agg_mode)
+            old_logprob, advantages = cut(e["old_logprob"]), cut(e["advantages"])
             scale = e["units"] / total_units * n_micro * dp
-            metrics = dict(metrics, loss=float(loss.detach()), units=e["units"])
-            return loss * scale, metrics
+
+            def loss_of(logprob, entropy):
+                loss, metrics = loss_fn(log_prob=logprob, old_log_prob=old_logprob, advantages=advantages,
+                                        response_mask=mask, entropy=entropy, **extra_kw)
+                if algo.entropy_coef > 0:
+                    loss = entropy_bonus(loss, entropy, mask, coef=algo.entropy_coef,
+                                         loss_agg_mode=algo.loss_agg_mode)
+                return loss * scale, dict(metrics, loss=float(loss.detach()))
+
+            loss, metrics = head.loss(logits, e["targets"].to(logits.device), loss_of, temperature=temperature,
+                                      separable=separable, placeholder_logprob=old_logprob,
+                                      placeholder_entropy=cut(e["old_entropy"]))
+            return loss, dict(metrics, units=e["units"])
 
         mbs = []
         for m, u in zip(micro, units, strict=True):

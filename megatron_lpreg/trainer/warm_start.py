@@ -39,10 +39,15 @@ def warm_start(model, cfg: RunConfig, examples, tokenizer, head) -> list[float]:
         seqs = pack_sequences([examples[i].prompt_ids for i in idx], [sols[i] for i in idx], pad)
 
         def on_logits(mb, logits, seqs=seqs):
-            lp = head.logprob(logits, seqs.targets.to(logits.device), temperature=1.0, with_entropy=False)
             m = seqs.mask.to(logits.device)
-            loss = -(lp * m).sum() / m.sum().clamp(min=1)
-            return loss, {"loss": float(loss.detach())}
+
+            def loss_of(lp, _entropy):
+                loss = -(lp * m).sum() / m.sum().clamp(min=1)
+                return loss, {"loss": float(loss.detach())}
+
+            return head.loss(logits, seqs.targets.to(logits.device), loss_of, temperature=1.0, separable=True,
+                             placeholder_logprob=torch.zeros(m.shape, device=logits.device),
+                             placeholder_entropy=None, with_entropy=False)
 
         model.zero_grad_buffer()
         optimizer.zero_grad()

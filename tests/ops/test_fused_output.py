@@ -199,3 +199,39 @@ def test_fused_loss_refuses_a_loss_that_couples_tokens():
                                chunk_tokens=8)
     with pytest.raises(ValueError, match="placeholder_logprob"):
         fused_logprob_loss(h, weight, target, softmax_over_tokens, placeholder_logprob=old[:2], vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])
+def test_losses_called_token_separable_are(agg):
+    """Every loss the registry calls token-separable passes the exactness check even with
+    placeholders far below the real log-probs (the check would catch any coupling the
+    values expose), and its loss equals the unfused one."""
+    from megatron_lpreg.loss.entropy_control import entropy_bonus
+    from megatron_lpreg.loss.registry import POLICY_LOSSES, get_policy_loss, token_separable
+    from megatron_lpreg.ops.fused_output import fused_logprob_loss
+    from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
+
+    hidden, weight, target, _, _ = _inputs(torch.float32)
+    hidden, target = hidden.reshape(B, S, H), target.reshape(B, S)
+    old, proxy, adv, mask, thr = _loss_inputs()
+    lp, ent = vocab_parallel_logprob(hidden @ weight.t(), target, vocab_size=VOCAB, with_entropy=True)
+    checked = 0
+    for name in POLICY_LOSSES:
+        if not token_separable(name, global_selection=True):
+            continue
+        extra = dict(proxy_log_prob=lp.detach() + 1, thresholds=(thr, None)) if name == "lp_reg" else {}
+
+        def loss_of(lp_, ent_, name=name, extra=extra):
+            loss, _ = get_policy_loss(name)(lp_, old, advantages=adv, response_mask=mask, loss_agg_mode=agg,
+                                            entropy=ent_, **extra)
+            return entropy_bonus(loss, ent_, mask, coef=0.05, loss_agg_mode=agg), {}
+
+        loss, *_ = fused_logprob_loss(hidden, weight, target, loss_of, placeholder_logprob=old - 100,
+                                      placeholder_entropy=torch.zeros(B, S), vocab_size=VOCAB, with_entropy=True,
+                                      chunk_tokens=8)
+        torch.testing.assert_close(loss, loss_of(lp, ent)[0].detach(), rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked == 3  # grpo, ppo, lp_reg
+    assert not token_separable("lp_reg", global_selection=False)
+    assert not any(token_separable(n, global_selection=True) for n in ("gspo", "kl_cov", "clip_cov"))

@@ -8,6 +8,11 @@ dummy weights and gets the trainer's through :class:`WeightSync`; then
 * TorchEngine and VLLMEngine give the same greedy continuations;
 * one perturbed trainer layer, not synced, is detected by the same comparison;
 * generating with a stale version is refused.
+
+The vocabulary (600) pads to 768 rows in megatron (a multiple of 128 x TP) but to
+640 in vLLM (a multiple of 64), so the default sync copies the layers shard to
+shard and streams the embedding and output rows; a third sync streams everything
+(``direct=False``). Both paths must give agreeing log-probs.
 """
 
 from __future__ import annotations
@@ -62,9 +67,9 @@ def _rank(model_dir):
     model = build_gpt(spec).eval()
     load_hf_weights(model, spec, HFShards(model_dir).get)
     engine = VLLMEngine(model_dir, tensor_parallel_size=2, dtype="float32", gpu_memory_utilization=0.2)
-    sync = WeightSync(model, spec, engine, bucket_bytes=200_000)  # several buckets for a 1.6 MB model
+    sync = WeightSync(model, spec, engine, bucket_bytes=100_000)  # several buckets for the vocabulary rows
     stats = sync.sync(version=1)
-    out = {"buckets": stats.buckets, "max_bucket": stats.max_bucket_bytes}
+    out = {"direct": (stats.direct_tensors, stats.direct_bytes, stats.buckets, stats.bytes)}
 
     sample = SamplingConfig(n=3, temperature=1.0, max_new_tokens=12, seed=5)
     batch = engine.generate(PROMPTS, sample, expected_version=1)
@@ -94,13 +99,23 @@ def _rank(model_dir):
     batch2 = engine.generate(PROMPTS, sample, expected_version=2)
     lp3, _ = _trainer_logprobs(model, batch2, spec.vocab_size)
     out["resynced"] = _agreement(lp3, batch2)
+
+    # the stream alone (every tensor as a full HF tensor through the model's loader)
+    with torch.no_grad():
+        for w in (model.decoder.layers[0].self_attention.linear_qkv.weight, model.output_layer.weight):
+            w.add_(0.05 * torch.randn_like(w))
+    streamed = WeightSync(model, spec, engine, bucket_bytes=100_000, direct=False).sync(version=3)
+    out["streamed"] = (streamed.direct_tensors, streamed.buckets, streamed.max_bucket_bytes, streamed.bytes)
+    batch3 = engine.generate(PROMPTS, sample, expected_version=3)
+    lp4, _ = _trainer_logprobs(model, batch3, spec.vocab_size)
+    out["stream_synced"] = _agreement(lp4, batch3)
     engine.close()
     return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    model_dir = write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", vocab_size=600)
     return run_ranks(_rank, Layout(tp=2), str(model_dir), timeout=600)
 
 
@@ -110,9 +125,22 @@ def test_both_ranks_see_the_same_batch(results):
     assert a["n_samples"] == 3 * len(PROMPTS)
 
 
-def test_sync_is_bucketed(results):
-    assert results[0]["buckets"] >= 4
-    assert results[0]["max_bucket"] <= 200_000 or results[0]["buckets"] > 1
+def test_sync_copies_shards_directly_and_streams_the_rest(results):
+    from tests.rollout.tiny_model import CONFIG
+
+    n_tensors, n_bytes, buckets, streamed = results[0]["direct"]
+    layers = CONFIG["num_hidden_layers"]
+    # per layer: qkv, proj, fc1, fc2, 2 norms, q/k norms; plus the final norm
+    assert n_tensors == 8 * layers + 1, n_tensors
+    hidden = CONFIG["hidden_size"]
+    assert streamed == 2 * 768 * hidden * 4  # embedding and output rows, fp32, padded vocabulary
+    assert buckets >= 2 and n_bytes > 0
+
+
+def test_stream_only_sync_is_bucketed(results):
+    n_direct, buckets, max_bucket, total = results[0]["streamed"]
+    assert n_direct == 0 and buckets >= 4 and total > 4 * 100_000
+    assert max_bucket <= 100_000 or buckets > 1
 
 
 def test_logprobs_agree_after_sync(results):
@@ -122,6 +150,9 @@ def test_logprobs_agree_after_sync(results):
     mean, mx, n = results[0]["resynced"]
     print(f"after a second sync: mean {mean:.2e}, max {mx:.2e}")
     assert mean < 1e-3
+    mean, mx, n = results[0]["stream_synced"]
+    print(f"after a stream-only sync of a perturbed q/k/v and output layer: mean {mean:.2e}, max {mx:.2e}")
+    assert n > 0 and mean < 1e-3
 
 
 def test_unsynced_perturbation_is_detected(results):

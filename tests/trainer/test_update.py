@@ -27,7 +27,7 @@ def _batch(n=12, seed=0):
     return UpdateBatch(seqs, adv, old, torch.rand(seqs.mask.shape, generator=g), old + 0.5, old)
 
 
-def _rank(overrides=None, fused=False, tied=False):
+def _rank(overrides=None, fused=False, tied=False, loss="lp_reg"):
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -43,6 +43,7 @@ def _rank(overrides=None, fused=False, tied=False):
     spec = spec_from_hf_config(dict(CONFIG, tie_word_embeddings=tied))
     cfg = RunConfig()
     cfg.optim.lr = 1e-3
+    cfg.algo.loss = loss
     gpt = build_gpt(spec, **(overrides or {}))
     head = OutputHead(gpt, fused=fused, vocab_size=spec.vocab_size, tp_group=ps.get_tensor_model_parallel_group(),
                       chunk_tokens=7)
@@ -92,12 +93,16 @@ def test_full_recompute_gives_the_same_gradient():
     assert math.isclose(plain["one_micro"], sp["one_micro"], rel_tol=1e-5), (plain, sp)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_fused_output_gives_the_same_gradient(tied):
-    plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, False, tied, timeout=300))
-    fused = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, True, tied, timeout=300))
+# lp_reg (global selection) is token-separable: the fused head forms its gradients in the
+# forward; gspo is not: the fused head recomputes the logits in backward
+@pytest.mark.parametrize("tied,loss", [(False, "lp_reg"), (True, "lp_reg"), (False, "gspo")],
+                         ids=["untied", "tied", "untied-gspo"])
+def test_fused_output_gives_the_same_gradient(tied, loss):
+    plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, False, tied, loss, timeout=300))
+    fused = _first_with_loss(run_ranks(_rank, Layout(tp=2), None, True, tied, loss, timeout=300))
     for key in ("one_micro", "many_micro"):
         assert math.isclose(plain[key], fused[key], rel_tol=1e-5), (key, plain[key], fused[key])
+    assert fused["nan_skipped"] == 1 and fused["nan_unchanged"]
 
 
 def test_update_packing_and_nan_skip():
