@@ -90,18 +90,21 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=5120)
     ap.add_argument("--vocab", type=int, default=152064)
     ap.add_argument("--chunk", type=int, default=None, help="fused chunk tokens (default: tokens / 16)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS[1:], default=list(METHODS[1:]),
+                    help="fused methods to run beside the unfused one")
     args = ap.parse_args()
     results = []
     for tokens in args.tokens:
         for tp in args.tp:
             chunk = args.chunk or max(1, tokens // 16)
             point = {"tokens": tokens, "tp": tp, "hidden": args.hidden, "vocab": args.vocab, "chunk": chunk}
-            for method in METHODS:
+            methods = ["unfused", *args.methods]
+            for method in methods:
                 per_rank = run_ranks(_rank, tp, tokens, args.hidden, args.vocab, chunk, method, timeout=3600)
                 point[f"{method}_s"] = round(max(r["seconds"] for r in per_rank), 3)
                 point[f"{method}_peak_mb"] = round(max(r["peak_extra_bytes"] for r in per_rank) / 2**20, 1)
                 point[f"{method}_lp_sum"] = per_rank[0]["lp_sum"]
-            for method in METHODS[1:]:
+            for method in methods[1:]:
                 point[f"{method}_time_ratio"] = round(point[f"{method}_s"] / point["unfused_s"], 3)
                 point[f"{method}_memory_ratio"] = round(
                     point[f"{method}_peak_mb"] / max(point["unfused_peak_mb"], 1e-9), 3)
