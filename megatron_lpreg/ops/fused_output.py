@@ -194,9 +194,10 @@ class _FusedLogProbLoss(torch.autograd.Function):
         # (scaled in place), so the weight gradient never exists twice
         ctx.grads = (grad_h.reshape(full.shape), grad_w)
         ctx.cfg = (group, sequence_parallel, reduce_hidden_grad, weight.dtype, hidden.shape)
+        logprob = lp_all.reshape(lead)
         entropy = ent_all.reshape(lead) if with_entropy else torch.zeros(0, device=hidden.device)
-        ctx.mark_non_differentiable(lp_all, entropy)
-        return loss.to(torch.float32), lp_all.reshape(lead), entropy
+        ctx.mark_non_differentiable(logprob, entropy)
+        return loss.to(torch.float32), logprob, entropy
 
     @staticmethod
     def backward(ctx, g_loss, _g_lp, _g_ent):

@@ -13,7 +13,9 @@ Training phase, per GPU (model sharded over ``tp * pp``):
   recomputation: the layer inputs of this stage (``tokens x hidden`` each) plus one
   layer's working set;
 * the logits shard ``tokens x vocab/tp`` and its gradient (the vocab-parallel
-  op adds only cache-sized blocks on top).
+  op adds only cache-sized blocks on top); with ``model.fused_output`` one chunk of
+  logits (overwritten by its gradient) and the output layer's fp32 weight gradient,
+  which the forward-gradient path forms before backward.
 
 Rollout phase: the weights plus vLLM's share of the GPU (``gpu_memory_utilization``).
 """
@@ -59,7 +61,7 @@ class MemoryEstimate:
                 ("weights", f"{self.weights_gb:.1f} GB"), ("gradients (fp32)", f"{self.grads_gb:.1f} GB"),
                 ("optimiser state", f"{self.optimizer_gb:.1f} GB"),
                 ("activations (1 micro-batch)", f"{self.activations_gb:.1f} GB"),
-                ("logits shard + grad", f"{self.logits_gb:.1f} GB"),
+                ("logits + grad (fused: a chunk + W grad)", f"{self.logits_gb:.1f} GB"),
                 ("= training phase", f"{self.training_gb:.1f} GB"),
                 ("rollout phase (weights + vLLM)", f"{self.rollout_gb:.1f} GB")]
         w = max(len(r[0]) for r in rows)
@@ -81,7 +83,11 @@ def estimate(spec: ModelSpec, cfg: RunConfig, *, world_size: int, gpu_gb: float 
     # stage inputs kept for recomputation + one layer's working set (qkv, attention out, mlp)
     working = tokens * ((3 * h + 2 * h) / tp + 3 * ffn / tp + 2 * h) * wbytes
     acts = tokens * h * wbytes * layers_here + working + tokens * heads_here * 4 * 2  # + softmax stats
-    logits = tokens * spec.padded_vocab_size(tp) / tp * wbytes * 2
+    vocab_here = spec.padded_vocab_size(tp) / tp
+    if cfg.model.fused_output:
+        logits = min(tokens, cfg.model.fused_chunk_tokens) * vocab_here * wbytes + vocab_here * h * 4
+    else:
+        logits = tokens * vocab_here * wbytes * 2
     return MemoryEstimate(
         params=p,
         weights_gb=local * wbytes / GB,

@@ -130,4 +130,12 @@ def test_published_configs_fit_80gb_gpus(name, model, params_b):
     est = estimate(spec, cfg, world_size=64)
     assert abs(est.params / 1e9 - params_b) < 0.01  # the published model sizes
     assert est.training_gb < 80 and est.rollout_gb < 80
+    # the fused output layer replaces tokens x vocab/tp logits (+ grad) by one chunk + the W gradient
+    assert cfg.model.fused_output
+    vocab_here = spec.padded_vocab_size(cfg.parallel.tp) / cfg.parallel.tp
+    chunk = cfg.model.fused_chunk_tokens * vocab_here * 2 + vocab_here * spec.hidden_size * 4
+    assert est.logits_gb == pytest.approx(chunk / 1e9)
+    cfg.model.fused_output = False
+    unfused = estimate(spec, cfg, world_size=64)
+    assert unfused.logits_gb == pytest.approx(cfg.algo.micro_token_budget * vocab_here * 2 * 2 / 1e9)
     assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.proxy_threshold, cfg.algo.kl_coef) == (1.0, 9.0, 0.02, 1.0)
