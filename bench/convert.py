@@ -4,6 +4,8 @@ Generates a synthetic Qwen3-shaped bf16 checkpoint of a few GB (random weights,
 several safetensors shards), then, side by side in one run:
 
   raw read       read every shard file once (64 MiB reads)
+  raw write      write as many bytes to a new file (64 MiB writes, then fsync): the
+                 ceiling of anything that must write what it reads
   raw copy       copy every shard file (shutil.copyfile, then sync)
   hf -> megatron tools/convert_hf_to_megatron.py, in a fresh process
   megatron -> hf tools/convert_megatron_to_hf.py, in a fresh process
@@ -87,6 +89,19 @@ def raw_read_seconds(d: Path, pattern: str = "*.safetensors") -> float:
     return time.perf_counter() - t0
 
 
+def raw_write_seconds(nbytes: int, dst: Path) -> float:
+    block = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8).numpy().tobytes()
+    os.sync()
+    t0 = time.perf_counter()
+    with open(dst, "wb", buffering=0) as f:
+        for _ in range(-(-nbytes // len(block))):
+            f.write(block)
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    dst.unlink()
+    return dt
+
+
 def raw_copy_seconds(src: Path, dst: Path) -> float:
     """Read and write the same bytes with a plain file copy: the I/O floor of any conversion."""
     dst.mkdir()
@@ -148,6 +163,7 @@ def main(argv=None):
         model_bytes, largest = make_checkpoint(tmp / "hf", args)
         raw_s = min(raw_read_seconds(tmp / "hf") for _ in range(2))
         copy_s = raw_copy_seconds(tmp / "hf", tmp / "copy")
+        write_s = raw_write_seconds(model_bytes, tmp / "raw-write")
         print("hf -> megatron ...", file=sys.stderr)
         to_m = run_worker("hf2mcore", tmp / "hf", tmp / "mcore")
         print("megatron -> hf ...", file=sys.stderr)
@@ -163,6 +179,7 @@ def main(argv=None):
             gb_per_s=gb / res["seconds"],
             throughput_over_raw_read=read_s / res["seconds"],
             throughput_over_raw_copy=copy_s / res["seconds"],
+            throughput_over_raw_write=write_s / res["seconds"],
             peak_rss_rise_gb=rise / 1e9,
             peak_rss_over_largest_tensor=rise / largest,
             peak_rss_over_model=rise / model_bytes,
@@ -176,6 +193,10 @@ def main(argv=None):
         largest_tensor_gb=largest / 1e9,
         raw_read_gb_per_s=gb / raw_s,
         raw_copy_gb_per_s=gb / copy_s,
+        raw_write_gb_per_s=gb / write_s,
+        # a conversion writes the bytes it reads, so it cannot beat the raw write speed:
+        # the read-speed target is reachable only where writing is at least half as fast
+        throughput_target_reachable_here=gb / write_s >= 0.5 * gb / raw_s,
         hf_to_megatron=direction(to_m, raw_s),
         megatron_to_hf=direction(to_hf, mcore_raw_s),
         targets=dict(throughput_over_raw_read=">= 0.5", peak_rss="<= 3 x largest tensor + 1 GB"),

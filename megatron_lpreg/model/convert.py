@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -108,6 +109,35 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
+class _BackgroundHasher:
+    """SHA-256 of each written tensor on a worker thread (hashlib releases the GIL), so
+    hashing overlaps the next tensor's read and write instead of adding to them. At most
+    one tensor waits for its hash, so memory stays bounded by the tensor size."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self.pending = None
+        self.hashes: dict[str, str] = {}
+
+    def _collect(self) -> None:
+        if self.pending is not None:
+            name, fut = self.pending
+            self.hashes[name] = fut.result()
+            self.pending = None
+
+    def submit(self, name: str, t: torch.Tensor) -> None:
+        self._collect()
+        data = memoryview(t.detach().contiguous().view(torch.uint8).numpy())
+        self.pending = (name, self.pool.submit(lambda: hashlib.sha256(data).hexdigest()))
+
+    def finish(self) -> dict[str, str]:
+        try:
+            self._collect()
+        finally:
+            self.pool.shutdown(wait=True)
+        return self.hashes
+
+
 def hf_to_megatron(
     hf_dir: str | Path,
     out_dir: str | Path,
@@ -129,23 +159,26 @@ def hf_to_megatron(
     padded = spec.padded_vocab_size(1)  # loads at any other padding
     rules = all_rules(spec)
     shapes = hf_shapes(spec)
-    hashes: dict[str, str] = {}
     bar = _progress(len(rules), "hf -> megatron", progress)
+    hasher = _BackgroundHasher()
 
     def written_tensor(name: str, t: torch.Tensor) -> None:
-        hashes[name] = hashlib.sha256(memoryview(t.view(torch.uint8).numpy())).hexdigest()
+        hasher.submit(name, t)
         bar.update(1)
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        written = checkpoint.write_checkpoint(
-            spec,
-            shards.get,
-            tmp,
-            padded_vocab=padded,
-            dtype=cast,
-            meta_of=lambda n: (megatron_shape(n, rules[n], shapes, padded), shards.dtype(hf_names(rules[n])[0])),
-            on_tensor=written_tensor,
-        )
+        try:
+            written = checkpoint.write_checkpoint(
+                spec,
+                shards.get,
+                tmp,
+                padded_vocab=padded,
+                dtype=cast,
+                meta_of=lambda n: (megatron_shape(n, rules[n], shapes, padded), shards.dtype(hf_names(rules[n])[0])),
+                on_tensor=written_tensor,
+            )
+        finally:
+            hashes = hasher.finish()
         bar.close()
         # one digest of the content, independent of the order tensors were written in
         digest = hashlib.sha256("".join(f"{k}:{hashes[k]}\n" for k in sorted(hashes)).encode())
