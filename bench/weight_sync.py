@@ -59,52 +59,49 @@ def _decode_tokens_per_s(engine) -> float:
     return sum(len(r) for r in batch.responses) / (time.perf_counter() - t)
 
 
-def _packed_rank(model_dir: str, bucket_bytes: int, repeats: int) -> dict:
+def _model_and_engine(model_dir: str, plain: bool):
+    """This rank's random megatron model and a vLLM engine (dummy weights) beside it."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.hf_config import load_spec
     from megatron_lpreg.rollout.vllm_engine import VLLMEngine
-    from megatron_lpreg.rollout.weight_sync import WeightSync
 
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     spec = load_spec(model_dir)
     model = build_gpt(spec)
     engine = VLLMEngine(model_dir, tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
-                        dtype="float32", gpu_memory_utilization=0.2, max_model_len=256)
+                        dtype="float32", gpu_memory_utilization=0.2, max_model_len=256, cpu_plain_weights=plain)
+    return model, spec, engine
+
+
+def _measured_sync(sync, version: int):
+    """(stats, peak RSS growth in bytes) of one sync."""
+    base = status_bytes("VmRSS")
+    reset_peak()
+    stats = sync.sync(version)
+    return stats, status_bytes("VmHWM") - base
+
+
+def _packed_rank(model_dir: str, bucket_bytes: int, repeats: int) -> dict:
+    from megatron_lpreg.rollout.weight_sync import WeightSync
+
+    model, spec, engine = _model_and_engine(model_dir, plain=False)
     sync = WeightSync(model, spec, engine, bucket_bytes=bucket_bytes)
     sync.sync(0)
-    sync_s, peaks = [], []
-    for i in range(repeats):
-        base = status_bytes("VmRSS")
-        reset_peak()
-        stats = sync.sync(i + 1)
-        peaks.append(status_bytes("VmHWM") - base)
-        sync_s.append(stats.seconds)
-    out = {"sync_s": min(sync_s), "peak_extra_bytes": max(peaks), "streamed_bytes": stats.bytes,
-           "decode_tokens_per_s": _decode_tokens_per_s(engine)}
+    runs = [_measured_sync(sync, i + 1) for i in range(repeats)]
+    out = {"sync_s": min(st.seconds for st, _ in runs), "peak_extra_bytes": max(pk for _, pk in runs),
+           "streamed_bytes": runs[-1][0].bytes, "decode_tokens_per_s": _decode_tokens_per_s(engine)}
     engine.close()
     return out
 
 
 def _rank(model_dir: str, bucket_bytes: int, repeats: int) -> dict:
-    from megatron.core import tensor_parallel
-
-    from megatron_lpreg.model.builder import build_gpt
-    from megatron_lpreg.model.hf_config import load_spec
-    from megatron_lpreg.rollout.vllm_engine import VLLMEngine
     from megatron_lpreg.rollout.weight_sync import WeightSync
 
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = load_spec(model_dir)
-    model = build_gpt(spec)
-    from megatron.core import parallel_state as ps
-
-    engine = VLLMEngine(model_dir, tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
-                        dtype="float32", gpu_memory_utilization=0.2, max_model_len=256, cpu_plain_weights=True)
+    model, spec, engine = _model_and_engine(model_dir, plain=True)
     sync = WeightSync(model, spec, engine, bucket_bytes=bucket_bytes)
     sync.sync(0)  # warm-up: first-touch of vLLM's buffers
     streamed = WeightSync(model, spec, engine, bucket_bytes=bucket_bytes, direct=False)
@@ -121,15 +118,11 @@ def _rank(model_dir: str, bucket_bytes: int, repeats: int) -> dict:
         for d, p in zip(dst, params, strict=True):
             d.copy_(p)
         copy_s.append(time.perf_counter() - t)
-        base = status_bytes("VmRSS")
-        reset_peak()
-        stats = sync.sync(2 * i + 1)
-        peaks.append(status_bytes("VmHWM") - base)
+        stats, peak = _measured_sync(sync, 2 * i + 1)
+        peaks.append(peak)
         sync_s.append(stats.seconds)
-        base = status_bytes("VmRSS")
-        reset_peak()
-        all_streamed = streamed.sync(2 * i + 2)
-        stream_peaks.append(status_bytes("VmHWM") - base)
+        all_streamed, peak = _measured_sync(streamed, 2 * i + 2)
+        stream_peaks.append(peak)
         sync_stream_s.append(all_streamed.seconds)
     copy_bytes = sum(p.numel() * p.element_size() for p in params)
     decode = _decode_tokens_per_s(engine)
