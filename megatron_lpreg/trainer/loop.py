@@ -130,6 +130,9 @@ def train(cfg: RunConfig) -> list[dict]:
             engine.wake_up()
             sync_stats = sync.sync(state["version"]) if engine.weights_version != state["version"] else None
             timing["time/sync_s"] = sync_stats.seconds if sync_stats else 0.0
+            # which path the sync took: shard-to-shard copies vs full tensors through the stream
+            timing["rollout/sync_direct_mb"] = sync_stats.direct_bytes / 2**20 if sync_stats else 0.0
+            timing["rollout/sync_streamed_mb"] = sync_stats.bytes / 2**20 if sync_stats else 0.0
             sampling = SamplingConfig(
                 n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
