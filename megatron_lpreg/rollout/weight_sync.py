@@ -109,26 +109,48 @@ def _owners(local: dict[str, torch.Tensor], rules, pp_group, pp: int) -> dict[st
     return owners
 
 
-def hf_weight_stream(
-    model, spec: ModelSpec, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
-    only: set[str] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hf_name, full tensor)`` for every HF weight of the model, bucket by bucket.
+@dataclass
+class _Layout:
+    """Where every parameter lives, seen from this rank: computed once per model (one
+    gather over the PP group), then reused by every sync."""
 
-    Every rank of the job must consume the stream to the end in the same order
-    (it runs collectives). ``model``: this rank's (possibly wrapped) GPTModel stage.
-    ``only``: megatron names to stream (default: all), the same on every rank.
-    """
+    rules: dict
+    local: dict[str, torch.Tensor]  # canonical megatron name -> this stage's parameter (TP shard)
+    owners: dict[str, tuple[int, tuple[int, ...]]]  # name -> (global rank holding it, local shape)
+
+
+def _layout(model, spec: ModelSpec) -> _Layout:
     from megatron.core import parallel_state as ps
 
     gpt = unwrap(model)
     rules = all_rules(spec)
     local = _local_params(gpt, spec, rules)
+    owners = _owners(local, rules, ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size())
+    return _Layout(rules, local, owners)
+
+
+def hf_weight_stream(
+    model, spec: ModelSpec, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor)`` for every HF weight of the model, bucket by bucket.
+
+    Every rank of the job must consume the stream to the end in the same order
+    (it runs collectives). ``model``: this rank's (possibly wrapped) GPTModel stage.
+    """
+    yield from _stream(unwrap(model), spec, _layout(model, spec), bucket_bytes, stats, None)
+
+
+def _stream(gpt, spec: ModelSpec, layout: _Layout, bucket_bytes: int, stats: SyncStats | None,
+            only: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`hf_weight_stream` over a known layout; ``only``: megatron names to stream
+    (default: all), the same on every rank."""
+    from megatron.core import parallel_state as ps
+
+    local = layout.local
+    owner_rank = {n: r for n, (r, _) in layout.owners.items()}
+    rules = layout.rules if only is None else {n: r for n, r in layout.rules.items() if n in only}
     pp_group = ps.get_pipeline_model_parallel_group()
     pp = ps.get_pipeline_model_parallel_world_size()
-    owner_rank = {n: r for n, (r, _) in _owners(local, rules, pp_group, pp).items()}
-    if only is not None:
-        rules = {n: r for n, r in rules.items() if n in only}
 
     dtype = next(iter(local.values())).dtype
     padded = gpt.vocab_size
@@ -213,40 +235,43 @@ class WeightSync:
                  direct: bool = True):
         self.model, self.spec, self.engine, self.bucket_bytes = model, spec, engine, bucket_bytes
         self.direct = direct
-        self._plan = None
+        self._layout: _Layout | None = None  # and the plan below, made at the first sync
+        self._direct: dict[str, torch.Tensor] = {}  # megatron name -> engine parameter it is copied into
+        self._streamed: set[str] = set()
+        self._local_spec: ModelSpec | None = None
 
-    def _make_plan(self):
+    def _make_plan(self) -> None:
         from megatron.core import parallel_state as ps
 
-        gpt = unwrap(self.model)
-        rules = all_rules(self.spec)
-        local = _local_params(gpt, self.spec, rules)
-        pp_group = ps.get_pipeline_model_parallel_group()
-        owners = _owners(local, rules, pp_group, ps.get_pipeline_model_parallel_world_size())
+        layout = _layout(self.model, self.spec)
         tp = ps.get_tensor_model_parallel_world_size()
         engine_params = self.engine.local_params(tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp) \
             if self.direct else None
-        plan = _direct_plan(rules, owners, engine_params) if engine_params is not None else {}
+        plan = _direct_plan(layout.rules, layout.owners, engine_params) if engine_params is not None else {}
         # the stream of the rest runs collectives over the whole job: every rank must agree on it
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, sorted(plan))
         common = set.intersection(*(set(x) for x in everyone))
-        plan = {n: dst for n, dst in plan.items() if n in common}
-        local_spec = dataclasses.replace(self.spec, num_attention_heads=self.spec.num_attention_heads // tp,
-                                         num_query_groups=self.spec.num_query_groups // tp)
-        self._plan = (rules, local, owners, plan, local_spec, pp_group)
+        self._layout = layout
+        self._direct = {n: dst for n, dst in plan.items() if n in common}
+        self._streamed = set(layout.rules) - set(self._direct)
+        self._local_spec = dataclasses.replace(self.spec, num_attention_heads=self.spec.num_attention_heads // tp,
+                                               num_query_groups=self.spec.num_query_groups // tp)
 
     def _copy_direct(self, stats: SyncStats) -> None:
-        rules, local, owners, plan, local_spec, pp_group = self._plan
+        from megatron.core import parallel_state as ps
+
+        local, owners = self._layout.local, self._layout.owners
+        pp_group = ps.get_pipeline_model_parallel_group()
         me, pp = dist.get_rank(), dist.get_world_size(pp_group)
         dtype = next(iter(local.values())).dtype
-        for n, dst in plan.items():
+        for n, dst in self._direct.items():
             owner, shape = owners[n]
             src = local[n].detach() if owner == me else torch.empty(shape, dtype=dtype, device=dst.device)
             if pp > 1:  # vLLM holds every layer: the owning stage sends its shard to the others
                 src = src.contiguous()
                 dist.broadcast(src, src=owner, group=pp_group)
-            _copy_shard(src, rules[n], dst, local_spec)
+            _copy_shard(src, self._layout.rules[n], dst, self._local_spec)
             stats.direct_bytes += dst.numel() * dst.element_size()
             stats.direct_tensors += 1
 
@@ -256,14 +281,12 @@ class WeightSync:
         stats = SyncStats()
         t0 = time.perf_counter()
         if not self.engine.shares_trainer_weights:
-            if self._plan is None:
+            if self._layout is None:
                 self._make_plan()
-            rules, _, _, plan, _, _ = self._plan
             self._copy_direct(stats)
-            rest = set(rules) - set(plan)
-            if rest:
-                self.engine.load_weights(hf_weight_stream(self.model, self.spec, bucket_bytes=self.bucket_bytes,
-                                                          stats=stats, only=rest))
+            if self._streamed:
+                self.engine.load_weights(_stream(unwrap(self.model), self.spec, self._layout, self.bucket_bytes,
+                                                 stats, self._streamed))
             self.engine.weights_updated()
         self.engine.set_version(version)
         stats.seconds = time.perf_counter() - t0
