@@ -59,7 +59,9 @@ def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _check(hidden, weight, target, sequence_parallel, group):
+def _check(hidden, weight, target, sequence_parallel, group, chunk_tokens):
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if hidden.dim() < 2 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be [..., H] and weight {tuple(weight.shape)} [V/tp, H]")
     tp = 1 if group is None else dist.get_world_size(group)
@@ -254,9 +256,7 @@ def fused_logprob(
         ``hidden`` (summed over the TP group) and ``weight``.
     """
     group = _effective_group(tp_group)
-    _check(hidden, weight, target, sequence_parallel, group)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check(hidden, weight, target, sequence_parallel, group, chunk_tokens)
     lp, h = _FusedLogProb.apply(hidden, weight, target, float(temperature), group, vocab_size, with_entropy,
                                 sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad)
     return (lp, h) if with_entropy else lp
@@ -300,9 +300,7 @@ def fused_logprob_loss(
         the final call of ``loss_of``.
     """
     group = _effective_group(tp_group)
-    _check(hidden, weight, target, sequence_parallel, group)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check(hidden, weight, target, sequence_parallel, group, chunk_tokens)
     needed = [("placeholder_logprob", placeholder_logprob)]
     if with_entropy:
         needed.append(("placeholder_entropy", placeholder_entropy))
@@ -332,7 +330,7 @@ def fused_token_stats(
     proxy) from hidden states, one chunk of logits at a time. ``kw``: proxy,
     proxy_threshold, temperature, vocab_size, block_elements."""
     group = _effective_group(tp_group)
-    _check(hidden, weight, target, sequence_parallel, group)
+    _check(hidden, weight, target, sequence_parallel, group, chunk_tokens)
     full = _gather_sequence(hidden, group) if sequence_parallel and group is not None else hidden
     h2d = full.reshape(-1, full.shape[-1])
     t1d = target.reshape(-1)
