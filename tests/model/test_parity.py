@@ -58,6 +58,21 @@ def _hf_model(cfg: dict):
     return model
 
 
+def _megatron_from_hf(cfg: dict, state: dict):
+    """On every rank (parallel state initialised): ``(spec, GPTModel stage)`` built from
+    the HF config with seeded initialisation, holding the HF ``state``."""
+    from megatron.core import tensor_parallel
+
+    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
+
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    spec = spec_from_hf_config(cfg)
+    model = build_gpt(spec)
+    load_hf_weights(model, spec, state.__getitem__)
+    return spec, model
+
+
 def _tokens():
     return torch.randint(0, 300, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
@@ -102,18 +117,10 @@ def full_logits(model, spec):
 
 def _megatron_logits(cases: dict):
     """Every rank: build each family, load HF weights, forward."""
-    from megatron.core import tensor_parallel
-
-    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
-
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
     results = {}
     for name, (cfg, state) in cases.items():
-        spec = spec_from_hf_config(cfg)
-        model = build_gpt(spec).eval()
-        load_hf_weights(model, spec, state.__getitem__)
-        logits = full_logits(model, spec)
+        spec, model = _megatron_from_hf(cfg, state)
+        logits = full_logits(model.eval(), spec)
         if logits is not None:
             results[name] = logits
     return results

@@ -7,21 +7,13 @@ import pytest
 import torch
 
 from tests.distributed import Layout, run_ranks
-from tests.model.test_parity import _hf_configs, _hf_model
+from tests.model.test_parity import _hf_configs, _hf_model, _megatron_from_hf
 
 
 def _stream(cfg, state, bucket_bytes):
-    from megatron.core import tensor_parallel
-
-    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
-    from megatron_lpreg.model.hf_config import spec_from_hf_config
     from megatron_lpreg.rollout.weight_sync import SyncStats, hf_weight_stream
 
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = spec_from_hf_config(cfg)
-    model = build_gpt(spec)
-    load_hf_weights(model, spec, state.__getitem__)
+    spec, model = _megatron_from_hf(cfg, state)
     stats = SyncStats()
     got = {name: t.clone() for name, t in hf_weight_stream(model, spec, bucket_bytes=bucket_bytes, stats=stats)}
     return got, stats.buckets
@@ -92,17 +84,10 @@ class _FakeEngine:
 
 def _direct(cfg, state):
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
-    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
-    from megatron_lpreg.model.hf_config import spec_from_hf_config
     from megatron_lpreg.rollout.weight_sync import WeightSync
 
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = spec_from_hf_config(cfg)
-    model = build_gpt(spec)
-    load_hf_weights(model, spec, state.__getitem__)
+    spec, model = _megatron_from_hf(cfg, state)
     rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     expected = _engine_layout(state, cfg, rank, tp)
     engine = _FakeEngine({k: v.shape for k, v in expected.items()})

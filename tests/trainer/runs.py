@@ -40,6 +40,15 @@ def run_training(out: Path, task: Path, *extra: str, timeout: float = 600) -> su
     return proc
 
 
+def fresh_run(tmp_path_factory, *extra: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """``(out_dir, task_dir, process)`` of a run on a newly written tiny task (300 rows)."""
+    from megatron_lpreg.data.tiny_task import write_task
+
+    task = write_task(tmp_path_factory.mktemp("task"), train_rows=300)
+    out = tmp_path_factory.mktemp("run")
+    return out, task, run_training(out, task, *extra)
+
+
 def metrics(out: Path) -> list[dict]:
     return read_metrics(out / "metrics.jsonl")
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lpreg.data.tiny_task import write_task
-from tests.trainer.runs import checkpoint_tensors, metrics, run_training
+from tests.trainer.runs import checkpoint_tensors, fresh_run, metrics
 
 pytest.importorskip("vllm")
 
@@ -19,12 +18,9 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    task = write_task(tmp_path_factory.mktemp("task"), train_rows=300)
-    out = tmp_path_factory.mktemp("run")
     fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
-    proc = run_training(out, task, f"train.steps={STEPS}", "eval.benchmarks=aime25,olympiadbench",
-                        f"eval.data_dir={fixtures}", "eval.every_n_steps=2", "eval.max_new_tokens=4")
-    return out, task, proc
+    return fresh_run(tmp_path_factory, f"train.steps={STEPS}", "eval.benchmarks=aime25,olympiadbench",
+                     f"eval.data_dir={fixtures}", "eval.every_n_steps=2", "eval.max_new_tokens=4")
 
 
 def test_every_step_is_recorded_with_finite_reward(run):

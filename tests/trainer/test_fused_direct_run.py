@@ -8,8 +8,7 @@ import math
 
 import pytest
 
-from megatron_lpreg.data.tiny_task import write_task
-from tests.trainer.runs import metrics, run_training
+from tests.trainer.runs import fresh_run, metrics
 
 pytest.importorskip("vllm")
 
@@ -18,10 +17,8 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    task = write_task(tmp_path_factory.mktemp("task"), train_rows=300)
-    out = tmp_path_factory.mktemp("run")
-    run_training(out, task, f"train.steps={STEPS}", "model.fused_output=true",
-                 "model.fused_chunk_tokens=16", "rollout.cpu_plain_weights=true")
+    out, _, _ = fresh_run(tmp_path_factory, f"train.steps={STEPS}", "model.fused_output=true",
+                          "model.fused_chunk_tokens=16", "rollout.cpu_plain_weights=true")
     return metrics(out)
 
 

@@ -10,28 +10,21 @@ import pytest
 import torch
 
 from tests.distributed import Layout, run_ranks
-from tests.model.test_parity import _hf_configs, _hf_model
+from tests.model.test_parity import _hf_configs, _hf_model, _megatron_from_hf
 from tests.trainer.test_update import _batch
 
 
 def _rank(cfg_dict, state):
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
     from megatron_lpreg.config import RunConfig
-    from megatron_lpreg.model.builder import build_gpt, load_hf_weights
-    from megatron_lpreg.model.hf_config import spec_from_hf_config
     from megatron_lpreg.trainer.batching import token_budget_micro_batches
     from megatron_lpreg.trainer.head import OutputHead
     from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
     from megatron_lpreg.trainer.setup import make_optimizer, wrap_ddp
     from megatron_lpreg.trainer.update import policy_update
 
-    torch.manual_seed(0)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = spec_from_hf_config(cfg_dict)
-    gpt = build_gpt(spec)
-    load_hf_weights(gpt, spec, state.__getitem__)
+    spec, gpt = _megatron_from_hf(cfg_dict, state)
     head = OutputHead(gpt, fused=False, vocab_size=spec.vocab_size, tp_group=ps.get_tensor_model_parallel_group())
     cfg = RunConfig()
     cfg.algo.micro_token_budget = 24  # several micro-batches of different shapes
