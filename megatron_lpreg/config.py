@@ -40,7 +40,9 @@ class DataConfig:
     prompt_key: str = "prompt"          # chat messages (list of {role, content}) or a plain string
     answer_key: str = "reward_model.ground_truth"  # dotted path into the row
     max_prompt_tokens: int = 512        # longer prompts are left-truncated
-    apply_chat_template: bool = True
+    # zero: the Lp-Reg reference's fixed instruction (<think> tags, no chat template);
+    # chat: the tokenizer's chat template; plain: the message texts (data/template.py)
+    prompt_template: str = "chat"
     shuffle_seed: int = 0
 
 
@@ -65,6 +67,8 @@ class AlgoConfig:
     loss: str = "lp_reg"          # lp_reg | grpo | gspo | kl_cov | clip_cov
     clip_low: float = 0.2
     clip_high: float = 0.28
+    # token-mean (exact over the mini-batch) | seq-mean-token-sum | seq-mean-token-mean |
+    # seq-mean-token-sum-norm | reference-token-mean (the reference's per-micro-batch weighting)
     loss_agg_mode: str = "token-mean"
     norm_adv_by_std: bool = True
     # Lp-Reg
@@ -74,14 +78,19 @@ class AlgoConfig:
     kl_type: str = "low_var_kl"
     proxy: str = "minp"           # minp | minp_soft | fixed
     proxy_threshold: float = 0.02  # kappa
-    selection_scope: str = "global"  # global | micro_batch
+    # global: rho% of the whole mini-batch (all micro-batches and DP ranks; the default);
+    # micro_batch: rho% within each of this trainer's micro-batches; reference: the
+    # reference's per-GPU micro-batches (its dynamic batching, docs/reference_semantics.md)
+    selection_scope: str = "global"
     # entropy baselines
     entropy_coef: float = 0.0     # > 0: entropy bonus
     high_entropy_fraction: float = 1.0  # < 1: 80/20 (gradient only through the top fraction)
     # PPO structure
     ppo_epochs: int = 1
     mini_batches: int = 1         # optimiser steps per rollout batch and epoch
-    micro_token_budget: int = 4096  # padded tokens per micro-batch
+    # padded tokens per micro-batch; with the reference scope or aggregation, unpadded
+    # tokens per DP rank's micro-batch as the reference's ppo_max_token_len_per_gpu
+    micro_token_budget: int = 4096
 
 
 @dataclass
@@ -112,18 +121,32 @@ class RewardConfig:
     workers: int = 2
     timeout_s: float = 5.0
     memory_mb: int = 1024
+    # boxed: only the last \boxed{} counts (the reference's grader); any: \boxed{}, else a
+    # final "Answer: X" line (DAPO-Math's own format), else a "final answer"/"the answer is" line
+    answer_format: str = "any"
+
+
+@dataclass
+class BenchmarkSampling:
+    """One benchmark's sampling; an unset field takes the eval section's value."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    k: int | None = None
 
 
 @dataclass
 class EvalConfig:
     """Benchmarks (megatron_lpreg.eval) run every ``every_n_steps`` and by ``python -m megatron_lpreg.eval``."""
 
-    benchmarks: str = ""          # comma-separated: aime24,aime25,math500,minerva,olympiadbench
+    benchmarks: str = ""          # comma-separated: aime24,aime25,amc,math500,minerva,olympiadbench
     data_dir: str = ""            # holds <name>.jsonl or <name>.parquet
     k: int = 1                    # samples per problem (avg@k, pass@k)
     temperature: float = 0.0      # 0: greedy (the paper's in-training validation)
     top_p: float = 1.0
-    max_new_tokens: int = 1024
+    # per benchmark, e.g. {aime24: {temperature: 0.6, k: 16}}; the rest use the values above
+    per_benchmark: dict[str, BenchmarkSampling] = field(default_factory=dict)
+    max_new_tokens: int = 0       # 0: the run's rollout.max_new_tokens (the training response length)
     limit: int = 0                # problems per benchmark (0: all)
     every_n_steps: int = 0        # 0: no evaluation during training
 
@@ -164,6 +187,21 @@ class ConfigError(ValueError):
     pass
 
 
+SELECTION_SCOPES = ("global", "micro_batch", "reference")
+REFERENCE_TOKEN_MEAN = "reference-token-mean"
+
+
+def uses_reference_batching(algo: AlgoConfig) -> bool:
+    """Whether the update forms its micro-batches as the reference does (per-DP-rank
+    dynamic batching of unpadded tokens): the reference scope or aggregation asks for it."""
+    return algo.selection_scope == "reference" or algo.loss_agg_mode == REFERENCE_TOKEN_MEAN
+
+
+def eval_max_new_tokens(cfg: RunConfig) -> int:
+    """The evaluation's response length: ``eval.max_new_tokens``, or the training one."""
+    return cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+
+
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -202,7 +240,15 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         if key not in fields:
             raise ConfigError(f"unknown config key {where!r}; known: {sorted(fields)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if typing.get_origin(hints[key]) is dict:  # name -> section (eval.per_benchmark)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} is a mapping of names to sections; got {value!r}")
+            section = typing.get_args(hints[key])[1]
+            for name, sub in value.items():
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{where}.{name} is a section; got {sub!r}")
+                _apply(current.setdefault(str(name), section()), sub, f"{where}.{name}.")
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} is a section; got {value!r}")
             _apply(current, value, where + ".")
@@ -240,12 +286,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(cfg: RunConfig) -> None:
+    from megatron_lpreg.data.template import TEMPLATES
+    from megatron_lpreg.loss.aggregation import AGG_MODES
     from megatron_lpreg.loss.registry import POLICY_LOSSES
+    from megatron_lpreg.reward.extract import ANSWER_FORMATS
 
     a = cfg.algo
     checks = [
         (a.loss in POLICY_LOSSES, f"algo.loss={a.loss!r} is not one of {sorted(POLICY_LOSSES)}"),
-        (a.selection_scope in ("global", "micro_batch"), "algo.selection_scope must be global or micro_batch"),
+        (a.selection_scope in SELECTION_SCOPES,
+         f"algo.selection_scope={a.selection_scope!r} is not one of {SELECTION_SCOPES}"),
+        (a.loss_agg_mode in AGG_MODES + (REFERENCE_TOKEN_MEAN,),
+         f"algo.loss_agg_mode={a.loss_agg_mode!r} is not one of {AGG_MODES + (REFERENCE_TOKEN_MEAN,)}"),
+        (cfg.data.prompt_template in TEMPLATES,
+         f"data.prompt_template={cfg.data.prompt_template!r} is not one of {TEMPLATES}"),
+        (cfg.reward.answer_format in ANSWER_FORMATS,
+         f"reward.answer_format={cfg.reward.answer_format!r} is not one of {ANSWER_FORMATS}"),
+        (cfg.eval.max_new_tokens >= 0, "eval.max_new_tokens must be >= 0 (0: rollout.max_new_tokens)"),
         (0 < a.high_entropy_fraction <= 1, "algo.high_entropy_fraction must be in (0, 1]"),
         (cfg.rollout.engine in ("vllm", "torch"), "rollout.engine must be vllm or torch"),
         (cfg.rollout.n >= 1 and cfg.rollout.prompts_per_step >= 1, "rollout.n and prompts_per_step must be >= 1"),

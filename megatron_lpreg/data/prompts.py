@@ -5,9 +5,9 @@ A row is a JSON object (a JSONL line or a parquet row):
     {"prompt": [{"role": "user", "content": "..."}], "reward_model": {"ground_truth": "..."}, ...}
 
 ``prompt_key`` and ``answer_key`` are dotted paths, so other layouts work by
-configuration. Prompts go through the tokenizer's chat template and are
-left-truncated (the question's end, next to the generation prompt, is what
-must survive). Files are read from local paths only.
+configuration. Prompts are rendered by the run's template
+(:mod:`megatron_lpreg.data.template`) and left-truncated (the question's end, next
+to the generation prompt, is what must survive). Files are read from local paths only.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from megatron_lpreg.data.template import TemplateError, encode_prompt
 
 
 class DataError(ValueError):
@@ -60,35 +62,20 @@ class Example:
     row: dict
 
 
-def encode_prompt(tokenizer, prompt, *, apply_chat_template: bool, max_tokens: int) -> list[int]:
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
-        messages = prompt
-    else:
-        raise DataError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
-    if apply_chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers >= 5 returns an encoding
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer.encode("".join(m["content"] for m in messages), add_special_tokens=False)
-    ids = list(ids)
-    return ids[-max_tokens:] if len(ids) > max_tokens else ids
-
-
-def load_examples(path, tokenizer, *, prompt_key: str, answer_key: str, apply_chat_template: bool,
+def load_examples(path, tokenizer, *, prompt_key: str, answer_key: str, prompt_template: str,
                   max_prompt_tokens: int) -> list[Example]:
+    """Every row of ``path`` as token ids under ``prompt_template``
+    (:mod:`megatron_lpreg.data.template`) and its ground-truth answer."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} holds no rows")
     out = []
     for i, row in enumerate(rows):
         try:
-            ids = encode_prompt(tokenizer, get_path(row, prompt_key), apply_chat_template=apply_chat_template,
+            ids = encode_prompt(tokenizer, get_path(row, prompt_key), template=prompt_template,
                                 max_tokens=max_prompt_tokens)
             answer = str(get_path(row, answer_key))
-        except DataError as e:
+        except (DataError, TemplateError) as e:
             raise DataError(f"{path} row {i}: {e}") from None
         if not ids:
             raise DataError(f"{path} row {i}: empty prompt")

@@ -1,9 +1,12 @@
 """Evaluate a checkpoint: ``python -m megatron_lpreg.eval --checkpoint DIR --benchmarks aime24,math500 --k 16``.
 
 ``--checkpoint`` is an HF model directory, a training checkpoint
-(``runs/x/checkpoints/step_000100``) or a megatron-core distributed checkpoint;
-for the last two ``--hf-dir`` gives the model config and tokenizer. Benchmarks are
-read from ``--data-dir/<name>.{jsonl,parquet}``. Writes ``<out>.md`` (the paper's
+(``runs/x/checkpoints/step_000100``, optimiser state and all, at any TP) or a
+megatron-core distributed checkpoint; for the last two ``--hf-dir`` gives the model
+config and tokenizer. A training checkpoint's run config (``runs/x/config.yaml``, or
+``--config``) supplies the defaults: model directory, prompt template, answer format,
+response length and the eval section (benchmarks, per-benchmark sampling); flags
+override them. Benchmarks are read from ``--data-dir/<name>.{jsonl,parquet}``. Writes ``<out>.md`` (the paper's
 table layout, with its published rows beside) and ``<out>.json``. Started
 without torchrun it relaunches itself with ``--tp`` local processes.
 """
@@ -14,30 +17,100 @@ import argparse
 import sys
 from pathlib import Path
 
+from megatron_lpreg.data.template import TEMPLATES
+from megatron_lpreg.eval.run import DEFAULT_MAX_NEW_TOKENS
 from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun
+from megatron_lpreg.reward.extract import ANSWER_FORMATS
+
+DEFAULT_BENCHMARKS = "aime24,aime25,math500,minerva,olympiadbench"
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m megatron_lpreg.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--hf-dir", help="HF config + tokenizer (default: --checkpoint when it is an HF dir)")
-    ap.add_argument("--benchmarks", default="aime24,aime25,math500,minerva,olympiadbench")
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--k", type=int, default=1, help="samples per problem")
-    ap.add_argument("--temperature", type=float, default=None, help="default: 0 (greedy) for k=1, else 1.0")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--config", help="the run's config.yaml (default: found beside a training checkpoint)")
+    ap.add_argument("--hf-dir", help="HF config + tokenizer (default: the run's model.hf_dir, or --checkpoint "
+                                     "when it is an HF dir)")
+    ap.add_argument("--benchmarks", help="default: the run's eval.benchmarks, else " + DEFAULT_BENCHMARKS)
+    ap.add_argument("--data-dir", help="default: the run's eval.data_dir")
+    ap.add_argument("--k", type=int, default=None, help="samples per problem (default: the run's eval.k, else 1)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="default: the run's eval.temperature, else 0 (greedy) for k=1 and 1.0 otherwise")
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--sample", action="append", default=[], metavar="NAMES:key=v,...",
+                    help="per-benchmark sampling, e.g. aime24,aime25,amc:temperature=0.6,top_p=1,k=16 "
+                         "(repeatable; keys temperature, top_p, k)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: the run's response length (eval.max_new_tokens or rollout.max_new_tokens), "
+                         f"else {DEFAULT_MAX_NEW_TOKENS}")
     ap.add_argument("--max-prompt-tokens", type=int, default=4096,
                     help="longer prompts are left-truncated (also capped by the model's context)")
+    ap.add_argument("--prompt-template", choices=TEMPLATES, default=None,
+                    help="default: the run's data.prompt_template, else chat")
+    ap.add_argument("--answer-format", choices=ANSWER_FORMATS, default=None,
+                    help="default: the run's reward.answer_format, else any")
     ap.add_argument("--limit", type=int, default=0, help="problems per benchmark (0: all)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     ap.add_argument("--out", default="eval_report", help="output prefix (.md and .json)")
     ap.add_argument("--label", default=None, help="row label in the table (default: the checkpoint path)")
-    ap.add_argument("--no-chat-template", action="store_true")
     return ap.parse_args(argv)
+
+
+def run_config_of(checkpoint: Path, given: str | None):
+    """The training run's config: ``given``, else ``<out_dir>/config.yaml`` beside a
+    training checkpoint (``<out_dir>/checkpoints/step_N``), else None."""
+    from megatron_lpreg.config import load_config
+
+    path = Path(given) if given else checkpoint.resolve().parent.parent / "config.yaml"
+    if given and not path.exists():
+        raise SystemExit(f"--config {path} does not exist")
+    return load_config(path) if path.exists() and (given or checkpoint.parent.name == "checkpoints") else None
+
+
+def parse_sample(text: str) -> dict:
+    """``"aime24,amc:temperature=0.6,k=16"`` -> ``{"aime24": {...}, "amc": {...}}``."""
+    names, sep, settings = text.partition(":")
+    if not sep or not names.strip():
+        raise SystemExit(f"--sample {text!r}: expected NAMES:key=value,... (e.g. aime24:temperature=0.6,k=16)")
+    kinds = {"temperature": float, "top_p": float, "k": int}
+    values = {}
+    for item in filter(None, (x.strip() for x in settings.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in kinds:
+            raise SystemExit(f"--sample {text!r}: {item!r} is not one of {sorted(kinds)}=value")
+        try:
+            values[key] = kinds[key](raw)
+        except ValueError:
+            raise SystemExit(f"--sample {text!r}: {key}={raw!r} is not a {kinds[key].__name__}") from None
+    return {n.strip(): dict(values) for n in names.split(",") if n.strip()}
+
+
+def eval_settings(a, run):
+    """(EvalConfig, prompt template, answer format): the command line over the run's config
+    over the defaults."""
+    from megatron_lpreg.config import EvalConfig, _apply, eval_max_new_tokens
+
+    ecfg = EvalConfig(**vars(run.eval)) if run is not None else EvalConfig()
+    ecfg.per_benchmark = dict(ecfg.per_benchmark)
+    for field, value in (("benchmarks", a.benchmarks), ("data_dir", a.data_dir), ("k", a.k),
+                         ("temperature", a.temperature), ("top_p", a.top_p)):
+        if value is not None:
+            setattr(ecfg, field, value)
+    ecfg.benchmarks = ecfg.benchmarks or DEFAULT_BENCHMARKS
+    if run is None and a.temperature is None:
+        ecfg.temperature = 0.0 if ecfg.k == 1 else 1.0
+    for text in a.sample:
+        _apply(ecfg, {"per_benchmark": parse_sample(text)})
+    ecfg.max_new_tokens = a.max_new_tokens or (eval_max_new_tokens(run) if run else DEFAULT_MAX_NEW_TOKENS)
+    ecfg.limit = a.limit
+    if not ecfg.data_dir:
+        raise SystemExit("no benchmark directory: pass --data-dir (or set eval.data_dir in the run's config)")
+    template = a.prompt_template or (run.data.prompt_template if run else "chat")
+    answer_format = a.answer_format or (run.reward.answer_format if run else "any")
+    return ecfg, template, answer_format
 
 
 def _load_weights(gpt, spec, ckpt: Path) -> None:
@@ -58,9 +131,13 @@ def _load_weights(gpt, spec, ckpt: Path) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     ckpt = Path(a.checkpoint)
-    hf_dir = Path(a.hf_dir) if a.hf_dir else ckpt
+    if not ckpt.exists():
+        raise SystemExit(f"--checkpoint {ckpt} does not exist")
+    run = run_config_of(ckpt, a.config)
+    hf_dir = Path(a.hf_dir) if a.hf_dir else (Path(run.model.hf_dir) if run else ckpt)
     if not (hf_dir / "config.json").exists():
         raise SystemExit(f"no config.json in {hf_dir}: pass --hf-dir")
+    ecfg, template, answer_format = eval_settings(a, run)
     rc = relaunch_under_torchrun("megatron_lpreg.eval", argv if argv is not None else sys.argv[1:], a.tp)
     if rc is not None:
         return rc
@@ -69,7 +146,8 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     import transformers
 
-    from megatron_lpreg.config import EvalConfig, RunConfig
+    from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.data.template import end_token_ids
     from megatron_lpreg.eval.run import evaluate, write_report
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.hf_config import load_spec
@@ -91,17 +169,14 @@ def main(argv=None) -> int:
     cfg.parallel.tp, cfg.rollout.engine = a.tp, a.engine
     engine = make_engine(cfg, gpt, spec)
     WeightSync(gpt, spec, engine).sync(0)
-    temperature = a.temperature if a.temperature is not None else (0.0 if a.k == 1 else 1.0)
-    ecfg = EvalConfig(benchmarks=a.benchmarks, data_dir=a.data_dir, k=a.k, temperature=temperature,
-                      top_p=a.top_p, max_new_tokens=a.max_new_tokens, limit=a.limit)
-    pool = VerifierPool(2) if dist.get_rank() == 0 else None
+    pool = VerifierPool(2, answer_format=answer_format) if dist.get_rank() == 0 else None
     try:
-        max_prompt = min(a.max_prompt_tokens, spec.max_position_embeddings - a.max_new_tokens)
+        max_prompt = min(a.max_prompt_tokens, spec.max_position_embeddings - ecfg.max_new_tokens)
         if max_prompt < 1:
-            raise SystemExit(f"--max-new-tokens {a.max_new_tokens} leaves no room for a prompt in the model's "
+            raise SystemExit(f"max new tokens {ecfg.max_new_tokens} leave no room for a prompt in the model's "
                              f"{spec.max_position_embeddings}-token context")
         results = evaluate(engine, tokenizer, ecfg, pool, version=0, max_prompt_tokens=max_prompt,
-                           apply_chat_template=not a.no_chat_template)
+                           prompt_template=template, stop_ids=end_token_ids(tokenizer, hf_dir))
         if dist.get_rank() == 0:
             md, js = write_report(results, a.out, a.label or str(ckpt))
             print(md.read_text())

@@ -1,4 +1,4 @@
-"""The paper's five benchmarks, read from local files in their usual released layouts.
+"""The paper's five benchmarks and AMC (in the reference's validation set), read from local files in their usual released layouts.
 
 | name          | usual file fields                         |
 | ------------- | ----------------------------------------- |
@@ -7,6 +7,7 @@
 | math500       | problem, answer (HuggingFaceH4/MATH-500)   |
 | minerva       | question, answer (math-ai/minervamath)     |
 | olympiadbench | question, final_answer (a list of LaTeX)   |
+| amc           | problem, answer (AI-MO/aimo-validation-amc: a float such as 142.0) |
 
 Field names can be overridden per benchmark (``problem_key`` / ``answer_key``,
 dotted paths), so DAPO-style rows (``prompt`` chat + ``reward_model.ground_truth``)
@@ -37,7 +38,10 @@ BENCHMARKS = {
     "math500": BenchmarkSpec("math500", "MATH-500", "problem", "answer"),
     "minerva": BenchmarkSpec("minerva", "Minerva", "question", "answer"),
     "olympiadbench": BenchmarkSpec("olympiadbench", "OlympiadBench", "question", "final_answer"),
+    "amc": BenchmarkSpec("amc", "AMC", "problem", "answer"),
 }
+# the paper's table: its five columns and their average
+PAPER_BENCHMARKS = ("aime24", "aime25", "math500", "minerva", "olympiadbench")
 
 # The paper's table (shared/design/LPREG.md section 3): five-benchmark averages.
 PAPER_AVERAGES = {
@@ -59,6 +63,8 @@ def _answer_text(value) -> str:
         if not value:
             raise DataError("empty answer list")
         value = value[0]
+    if isinstance(value, float) and value.is_integer():  # AMC's 142.0
+        value = int(value)
     text = str(value).strip()
     if text.startswith("$") and text.endswith("$"):
         text = text.strip("$").strip()

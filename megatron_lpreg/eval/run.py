@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_lpreg.config import EvalConfig
-from megatron_lpreg.data.prompts import encode_prompt
+from megatron_lpreg.config import BenchmarkSampling, EvalConfig
+from megatron_lpreg.data.template import encode_prompt
 from megatron_lpreg.eval.benchmarks import (
     BENCHMARKS,
     INSTRUCTION,
     PAPER_AVERAGES,
+    PAPER_BENCHMARKS,
     find_file,
     load_benchmark,
 )
@@ -31,23 +32,47 @@ def benchmark_names(text: str) -> list[str]:
     return names
 
 
+DEFAULT_MAX_NEW_TOKENS = 1024  # when neither the caller nor the eval section sets one
+
+
+def benchmark_sampling(ecfg: EvalConfig, name: str) -> tuple[float, float, int]:
+    """(temperature, top_p, k) of one benchmark: its ``per_benchmark`` entry, else the section's."""
+    unknown = sorted(set(ecfg.per_benchmark) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"eval.per_benchmark names unknown benchmarks {unknown}; known: {sorted(BENCHMARKS)}")
+    o = ecfg.per_benchmark.get(name) or BenchmarkSampling()
+    return (ecfg.temperature if o.temperature is None else o.temperature,
+            ecfg.top_p if o.top_p is None else o.top_p,
+            ecfg.k if o.k is None else o.k)
+
+
+def benchmark_prompt(problem: str) -> str:
+    """The user message of an evaluation problem; the run's template wraps it."""
+    return f"{problem}\n{INSTRUCTION}"
+
+
 def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_prompt_tokens: int = 4096,
-             apply_chat_template: bool = True, seed: int = 0) -> dict:
-    """Returns ``{benchmark: {"avg@k", "pass@k", "pass@1", "problems", "k"}, "average": avg@k mean}``
-    (accuracies in percent). ``pool`` grades on rank 0 (None elsewhere)."""
-    eos = tokenizer.eos_token_id
+             max_new_tokens: int | None = None, prompt_template: str = "chat",
+             stop_ids: tuple[int, ...] | None = None, seed: int = 0) -> dict:
+    """Returns ``{benchmark: {"avg@k", "pass@k", "pass@1", "problems", "k", "temperature", ...},
+    "average": avg@k mean}`` (accuracies in percent; the average is over the paper's five
+    benchmarks when any of them ran). ``pool`` grades on rank 0 (None elsewhere);
+    ``stop_ids`` default to the tokenizer's eos."""
+    if stop_ids is None:
+        stop_ids = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    max_new_tokens = max_new_tokens or ecfg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     results: dict = {}
     for name in benchmark_names(ecfg.benchmarks):
         spec = BENCHMARKS[name]
+        temperature, top_p, k = benchmark_sampling(ecfg, name)
         problems = load_benchmark(find_file(ecfg.data_dir, name), spec, limit=ecfg.limit or None)
-        full = [encode_prompt(tokenizer, f"{p.problem}\n{INSTRUCTION}", apply_chat_template=apply_chat_template,
-                              max_tokens=1 << 30) for p in problems]
+        full = [encode_prompt(tokenizer, benchmark_prompt(p.problem), template=prompt_template, max_tokens=1 << 30)
+                for p in problems]
         # left truncation keeps the question's end and the generation prompt; counted, not silent
         prompts = [ids[-max_prompt_tokens:] for ids in full]
         truncated = sum(len(ids) > max_prompt_tokens for ids in full)
-        sampling = SamplingConfig(n=ecfg.k, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                                  max_new_tokens=ecfg.max_new_tokens,
-                                  stop_token_ids=(eos,) if eos is not None else (), seed=seed)
+        sampling = SamplingConfig(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                  stop_token_ids=tuple(stop_ids), seed=seed)
         batch = engine.generate(prompts, sampling, expected_version=version)
         scores = None
         if pool is not None:
@@ -60,30 +85,38 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
             per_problem[i].append(s)
         results[name] = {
             "avg@k": 100 * avg_at_k(per_problem),
-            "pass@k": 100 * mean_pass_at_k(per_problem, ecfg.k),
+            "pass@k": 100 * mean_pass_at_k(per_problem, k),
             "pass@1": 100 * mean_pass_at_k(per_problem, 1),
             "problems": len(problems),
-            "k": ecfg.k,
+            "k": k,
+            "temperature": temperature,
+            "top_p": top_p,
+            "max_new_tokens": max_new_tokens,
             "truncated_prompts": truncated,
+            "truncated_responses": sum(f == "length" for f in batch.finish_reasons),
         }
     if results:
-        results["average"] = sum(r["avg@k"] for r in results.values()) / len(results)
+        in_average = [n for n in results if n in PAPER_BENCHMARKS] or list(results)
+        results["average"] = sum(results[n]["avg@k"] for n in in_average) / len(in_average)
     return results
 
 
 def report_markdown(results: dict, label: str = "this run") -> str:
-    """The paper's table layout: one column per benchmark and the average (avg@k, %),
-    with the paper's published averages printed beside for comparison."""
-    cols = [n for n in BENCHMARKS]
+    """The paper's table layout: one column per benchmark of the paper (and any other that
+    ran, e.g. AMC) and the average over the paper's five (avg@k, %), with the paper's
+    published averages printed beside for comparison."""
+    cols = list(PAPER_BENCHMARKS) + [n for n in BENCHMARKS if n not in PAPER_BENCHMARKS and n in results]
     head = "| model / method | " + " | ".join(BENCHMARKS[n].title for n in cols) + " | Avg. |"
     sep = "|" + "---|" * (len(cols) + 2)
-    k = next((r["k"] for n, r in results.items() if n != "average"), 1)
+    ks = {r["k"] for n, r in results.items() if n != "average"}
+    k = ks.pop() if len(ks) == 1 else "k"
 
     def cell(n):
         return f"{results[n]['avg@k']:.2f}" if n in results else "-"
 
     avg = f"{results['average']:.2f}" if "average" in results else "-"
-    lines = [f"avg@{k} (%)", "", head, sep, f"| {label} | " + " | ".join(cell(n) for n in cols) + f" | {avg} |"]
+    settings = ", ".join(f"{n}: k={r['k']} T={r['temperature']:g}" for n, r in results.items() if n != "average")
+    lines = [f"avg@{k} (%); {settings}", "", head, sep, f"| {label} | " + " | ".join(cell(n) for n in cols) + f" | {avg} |"]
     for setting, rows in PAPER_AVERAGES.items():
         for method, value in rows.items():
             lines.append(f"| paper: {setting} {method} | " + " | ".join("-" for _ in cols) + f" | {value:.2f} |")

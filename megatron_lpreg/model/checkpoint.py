@@ -209,6 +209,8 @@ def load_into(model, path: str | Path, *, allow_extra: bool = False) -> None:
     sharded = {k: v for k, v in model.sharded_state_dict().items() if wanted(k, v)}
     strict = StrictHandling.ASSUME_OK_UNEXPECTED if allow_extra else StrictHandling.RAISE_ALL
     state = dist_checkpointing.load(sharded, str(path), strict=strict)
+    if allow_extra:  # a training checkpoint's common state (optimiser param groups) comes back too
+        state = {k: v for k, v in state.items() if k in sharded}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("._extra_state")]
     if missing or unexpected:

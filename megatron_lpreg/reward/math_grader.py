@@ -40,11 +40,13 @@ def _parse(ans: str):
     return parse(f"${ans}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
 
 
-def grade(response: str, ground_truth: str) -> tuple[float, str]:
-    """(1.0, "correct") | (0.0, reason). ``ground_truth`` may be bare or boxed."""
+def grade(response: str, ground_truth: str, answer_format: str = "any") -> tuple[float, str]:
+    """(1.0, "correct") | (0.0, reason). ``ground_truth`` may be bare or boxed;
+    ``answer_format`` says where the response's answer is read
+    (:func:`megatron_lpreg.reward.extract.extract_answer`)."""
     from math_verify import verify
 
-    pred = extract_answer(response)
+    pred = extract_answer(response, answer_format)
     if pred is None:
         return 0.0, "no_answer"
     gold = extract_answer(ground_truth) if "\\boxed" in ground_truth else ground_truth

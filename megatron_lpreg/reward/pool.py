@@ -9,6 +9,7 @@ process groups.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import time
@@ -48,18 +49,21 @@ def _worker(conn, memory_mb: int, grade_fn: Callable) -> None:
         conn.send((float(score), reason))
 
 
-def _default_grade(response: str, truth: str):
+def _default_grade(response: str, truth: str, answer_format: str = "any"):
     from megatron_lpreg.reward.math_grader import grade
 
-    return grade(response, truth)
+    return grade(response, truth, answer_format)
 
 
 class VerifierPool:
     def __init__(self, workers: int = 2, *, timeout_s: float = 5.0, memory_mb: int = 1024,
-                 grade_fn: Callable = _default_grade):
-        """``grade_fn(response, truth) -> (score, reason)`` must be importable (pickled by reference)."""
+                 answer_format: str = "any", grade_fn: Callable | None = None):
+        """``grade_fn(response, truth) -> (score, reason)`` must be importable (pickled by
+        reference); by default the math grader reading answers in ``answer_format``."""
         if workers < 1 or timeout_s <= 0:
             raise ValueError(f"workers={workers} must be >= 1 and timeout_s={timeout_s} > 0")
+        if grade_fn is None:
+            grade_fn = functools.partial(_default_grade, answer_format=answer_format)
         self.timeout_s, self.memory_mb, self.grade_fn = timeout_s, memory_mb, grade_fn
         self._ctx = mp.get_context("spawn")
         self._workers = [self._start() for _ in range(workers)]

@@ -76,3 +76,25 @@ def token_budget_micro_batches(lengths: torch.Tensor, budget: int) -> list[list[
     if cur:
         out.append(cur)
     return out
+
+
+def data_parallel_rows(lengths: torch.Tensor, dp: int, dp_rank: int, *, reference: bool) -> list[int]:
+    """This data-parallel rank's rows of a step: every ``dp``-th row, or with ``reference``
+    the reference's length-balanced assignment
+    (:func:`megatron_lpreg.trainer.reference_batching.dp_rows`)."""
+    if reference:
+        from megatron_lpreg.trainer.reference_batching import dp_rows
+
+        return dp_rows(lengths.tolist(), dp)[dp_rank]
+    return [i for i in range(len(lengths)) if i % dp == dp_rank]
+
+
+def mini_batch_positions(n_rows: int, n_mini: int, *, reference: bool) -> list[list[int]]:
+    """Positions ``0..n_rows-1`` per optimiser step: interleaved (every ``n_mini``-th row),
+    or with ``reference`` contiguous slices as the reference splits a rank's rows."""
+    if reference:
+        from megatron_lpreg.trainer.reference_batching import mini_batch_slices
+
+        return mini_batch_slices(n_rows, n_mini)
+    n_mini = min(n_mini, n_rows)
+    return [list(range(n_rows))[k::n_mini] for k in range(n_mini)]

@@ -19,8 +19,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_lpreg.algo.advantages import grpo_advantages
-from megatron_lpreg.config import RunConfig, save_config
+from megatron_lpreg.config import (
+    RunConfig,
+    eval_max_new_tokens,
+    save_config,
+    uses_reference_batching,
+)
 from megatron_lpreg.data.prompts import ShuffledOrder, load_examples
+from megatron_lpreg.data.template import end_token_ids
 from megatron_lpreg.eval.run import evaluate
 from megatron_lpreg.job import broadcast_object
 from megatron_lpreg.model.builder import build_gpt, load_hf_weights
@@ -28,7 +34,12 @@ from megatron_lpreg.model.convert import HFShards
 from megatron_lpreg.model.hf_config import load_spec
 from megatron_lpreg.rollout.engine import SamplingConfig
 from megatron_lpreg.rollout.weight_sync import WeightSync
-from megatron_lpreg.trainer.batching import pack_sequences, token_budget_micro_batches
+from megatron_lpreg.trainer.batching import (
+    data_parallel_rows,
+    mini_batch_positions,
+    pack_sequences,
+    token_budget_micro_batches,
+)
 from megatron_lpreg.trainer.head import OutputHead
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
 from megatron_lpreg.trainer.memory import estimate
@@ -82,11 +93,11 @@ def train(cfg: RunConfig) -> list[dict]:
     head = OutputHead(gpt, fused=cfg.model.fused_output, vocab_size=spec.vocab_size,
                       tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=cfg.model.fused_chunk_tokens)
     examples = load_examples(cfg.data.train_path, tokenizer, prompt_key=cfg.data.prompt_key,
-                             answer_key=cfg.data.answer_key, apply_chat_template=cfg.data.apply_chat_template,
+                             answer_key=cfg.data.answer_key, prompt_template=cfg.data.prompt_template,
                              max_prompt_tokens=cfg.data.max_prompt_tokens)
     order = ShuffledOrder(len(examples), cfg.data.shuffle_seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos_id = tokenizer.eos_token_id
+    stop_ids = end_token_ids(tokenizer, cfg.model.hf_dir)
 
     model = wrap_ddp(gpt, cfg)
     state = {"step": 0, "version": 0, "bad_in_row": 0, "bad_total": 0}
@@ -113,7 +124,8 @@ def train(cfg: RunConfig) -> list[dict]:
     if dist.get_rank() == 0:
         from megatron_lpreg.reward.pool import VerifierPool
 
-        pool = VerifierPool(cfg.reward.workers, timeout_s=cfg.reward.timeout_s, memory_mb=cfg.reward.memory_mb)
+        pool = VerifierPool(cfg.reward.workers, timeout_s=cfg.reward.timeout_s, memory_mb=cfg.reward.memory_mb,
+                            answer_format=cfg.reward.answer_format)
     stop = StopRequest(cfg.train.stop_file)
     writer = MetricsWriter(out if is_logging_rank() else None, tensorboard=cfg.train.tensorboard)
     writer.truncate_after(state["step"])
@@ -136,7 +148,7 @@ def train(cfg: RunConfig) -> list[dict]:
             sampling = SamplingConfig(
                 n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                 top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                stop_token_ids=(eos_id,) if eos_id is not None else (), seed=cfg.train.seed * 100_003 + step,
+                stop_token_ids=stop_ids, seed=cfg.train.seed * 100_003 + step,
             )
             t = time.perf_counter()
             batch = engine.generate(prompts, sampling, expected_version=state["version"])
@@ -158,7 +170,8 @@ def train(cfg: RunConfig) -> list[dict]:
             seqs = pack_sequences(batch.prompts, batch.responses, pad_id)
             adv = grpo_advantages(scores, torch.tensor(batch.prompt_index), seqs.mask,
                                   norm_by_std=cfg.algo.norm_adv_by_std)
-            mine = [i for i in range(len(batch)) if i % dp == dp_rank]
+            reference = uses_reference_batching(cfg.algo)
+            mine = data_parallel_rows(seqs.lengths, dp, dp_rank, reference=reference)
             my = seqs.rows(mine)
             t = time.perf_counter()
             model.eval()
@@ -179,8 +192,7 @@ def train(cfg: RunConfig) -> list[dict]:
             per_token = old or dict.fromkeys(("logprob", "entropy", "proxy_logprob"), torch.zeros_like(my.mask))
             ub = UpdateBatch(my, adv[mine], per_token["logprob"], per_token["entropy"], per_token["proxy_logprob"],
                              rollout_lp)
-            n_mb = min(cfg.algo.mini_batches, len(mine))
-            chunks = [list(range(len(mine)))[k::n_mb] for k in range(n_mb)]
+            chunks = mini_batch_positions(len(mine), cfg.algo.mini_batches, reference=reference)
             steps = [(e, c) for e in range(cfg.algo.ppo_epochs) for c in chunks]
             upd = []
             for _, chunk in tqdm(steps, desc="update", leave=False, disable=not show_progress):
@@ -203,10 +215,12 @@ def train(cfg: RunConfig) -> list[dict]:
                 engine.wake_up()
                 if engine.weights_version != state["version"]:
                     sync.sync(state["version"])
-                max_prompt = max(1, spec.max_position_embeddings - cfg.eval.max_new_tokens)
+                max_new = eval_max_new_tokens(cfg)
+                max_prompt = max(1, spec.max_position_embeddings - max_new)
                 res = evaluate(engine, tokenizer, cfg.eval, pool, version=state["version"],
                                max_prompt_tokens=min(max_prompt, cfg.data.max_prompt_tokens),
-                               apply_chat_template=cfg.data.apply_chat_template, seed=cfg.train.seed)
+                               max_new_tokens=max_new, prompt_template=cfg.data.prompt_template,
+                               stop_ids=stop_ids, seed=cfg.train.seed)
                 engine.sleep()
                 eval_rec = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average"
                             for m in ("avg@k", "pass@k")}

@@ -1,15 +1,24 @@
 """The policy update: PPO epochs over mini-batches of micro-batches, one optimiser step per mini-batch.
 
-Loss normalisation. The reference's ``token-mean`` is a mean over the tokens of
-the *mini-batch*. Megatron's schedule divides each micro-batch loss by the
-number of micro-batches and DDP averages gradients over data-parallel ranks, so
-each micro-batch loss is multiplied by ``units_mb / units_global * n_micro * dp``
-(units: tokens for ``token-mean``, sequences for the sequence-mean modes). With
-that, micro-batch packing and DP size do not change the gradient.
+Loss normalisation. ``token-mean`` here is the exact mean over the tokens of the
+whole *mini-batch* (all micro-batches, all DP ranks); the reference does not
+average like this (``reference-token-mean`` below). Megatron's schedule divides each
+micro-batch loss by the number of micro-batches and DDP averages gradients over
+data-parallel ranks, so each micro-batch loss is multiplied by
+``units_mb / units_global * n_micro * dp`` (units: tokens for ``token-mean``,
+sequences for the sequence-mean modes). With that, micro-batch packing and DP
+size do not change the gradient.
+
+``reference-token-mean`` is the reference's weighting: each micro-batch's
+token-mean times (its sequences / the rank's mini-batch sequences), averaged over
+ranks, so a token's weight depends on how the batch was cut; micro-batches are then
+cut the reference's way (:mod:`megatron_lpreg.trainer.reference_batching`), with
+``micro_token_budget`` read as unpadded tokens.
 
 Lp-Reg's ``global`` selection scope ranks the old-policy log-probs of the whole
 mini-batch (all micro-batches, all DP ranks) before the first backward: on the
-first epoch of an on-policy step they equal the current log-probs.
+first epoch of an on-policy step they equal the current log-probs. ``reference``
+and ``micro_batch`` rank the current log-probs within each micro-batch.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.config import AlgoConfig
+from megatron_lpreg.config import REFERENCE_TOKEN_MEAN, AlgoConfig, uses_reference_batching
 from megatron_lpreg.loss.entropy_control import entropy_bonus, high_entropy_mask
 from megatron_lpreg.loss.lp_reg import global_thresholds
 from megatron_lpreg.loss.registry import get_policy_loss, token_separable
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
+from megatron_lpreg.trainer import reference_batching
 from megatron_lpreg.trainer.batching import Sequences, token_budget_micro_batches
 
 
@@ -44,12 +54,27 @@ class UpdateBatch:
 
 def _loss_kwargs(fn, algo: AlgoConfig) -> dict:
     available = {
-        "clip_low": algo.clip_low, "clip_high": algo.clip_high, "loss_agg_mode": algo.loss_agg_mode,
+        "clip_low": algo.clip_low, "clip_high": algo.clip_high, "loss_agg_mode": _in_micro_batch_mode(algo),
         "neg_percent": algo.neg_percent, "pos_percent": algo.pos_percent, "kl_coef": algo.kl_coef,
         "kl_type": algo.kl_type,
     }
     params = inspect.signature(fn).parameters
     return {k: v for k, v in available.items() if k in params}
+
+
+def _in_micro_batch_mode(algo: AlgoConfig) -> str:
+    """How a loss reduces one micro-batch: the reference's mode is a token-mean there."""
+    return "token-mean" if algo.loss_agg_mode == REFERENCE_TOKEN_MEAN else algo.loss_agg_mode
+
+
+def _micro_batches(lengths: torch.Tensor, algo: AlgoConfig, dp_group) -> list[list[int]]:
+    """Positions into ``lengths`` per micro-batch: padded-token budget, or the reference's cut
+    (the same count on every DP rank: one MAX all-reduce)."""
+    if not uses_reference_batching(algo):
+        return token_budget_micro_batches(lengths, algo.micro_token_budget)
+    count = torch.tensor([reference_batching.micro_batch_count(lengths.tolist(), algo.micro_token_budget)])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
+    return reference_batching.micro_batches(lengths.tolist(), int(count))
 
 
 def _all_finite(model, local_bad: bool) -> bool:
@@ -79,15 +104,21 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, hea
     dp_group = ps.get_data_parallel_group()
     dp = ps.get_data_parallel_world_size()
     device = next(model.parameters()).device
-    token_mean = algo.loss_agg_mode == "token-mean"
+    token_mean = algo.loss_agg_mode in ("token-mean", REFERENCE_TOKEN_MEAN)
     out = []
     for rows in mini_batch_rows:
-        micro = token_budget_micro_batches(batch.seqs.lengths[rows], algo.micro_token_budget)
+        micro = _micro_batches(batch.seqs.lengths[rows], algo, dp_group)
         micro = [[rows[i] for i in m] for m in micro]
+        n_micro = len(micro)
         units = [float(batch.seqs.mask[m].sum()) if token_mean else float(len(m)) for m in micro]
-        total = torch.tensor([sum(units)], dtype=torch.float64)
-        dist.all_reduce(total, group=dp_group)
-        total_units = max(float(total.item()), 1.0)
+        if algo.loss_agg_mode == REFERENCE_TOKEN_MEAN:
+            # sequences of the micro-batch / of this rank's mini-batch; DDP's average over
+            # ranks is the reference's
+            scales = [len(m) / len(rows) * n_micro for m in micro]
+        else:
+            total = torch.tensor([sum(units)], dtype=torch.float64)
+            dist.all_reduce(total, group=dp_group)
+            scales = [u / max(float(total.item()), 1.0) * n_micro * dp for u in units]
 
         thresholds = None
         if algo.loss == "lp_reg" and algo.selection_scope == "global":
@@ -97,12 +128,9 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, hea
                 neg_percent=algo.neg_percent, pos_percent=algo.pos_percent, group=dp_group,
             )
 
-        n_micro = len(micro)
-
         separable = token_separable(algo.loss, global_selection=thresholds is not None)
 
-        def on_logits(mb: MicroBatch, logits: torch.Tensor, n_micro=n_micro, thresholds=thresholds,
-                      total_units=total_units, separable=separable):
+        def on_logits(mb: MicroBatch, logits: torch.Tensor, thresholds=thresholds, separable=separable):
             e = mb.extra
             w = logits.shape[1]
             cut = lambda t: t[:, :w].to(logits.device)  # noqa: E731
@@ -115,14 +143,14 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, hea
                 if thresholds is not None:
                     extra_kw["thresholds"] = thresholds
             old_logprob, advantages = cut(e["old_logprob"]), cut(e["advantages"])
-            scale = e["units"] / total_units * n_micro * dp
+            scale = e["scale"]
 
             def loss_of(logprob, entropy):
                 loss, metrics = loss_fn(log_prob=logprob, old_log_prob=old_logprob, advantages=advantages,
                                         response_mask=mask, entropy=entropy, **extra_kw)
                 if algo.entropy_coef > 0:
                     loss = entropy_bonus(loss, entropy, mask, coef=algo.entropy_coef,
-                                         loss_agg_mode=algo.loss_agg_mode)
+                                         loss_agg_mode=_in_micro_batch_mode(algo))
                 return loss * scale, dict(metrics, loss=float(loss.detach()))
 
             loss, metrics = head.loss(logits, e["targets"].to(logits.device), loss_of, temperature=temperature,
@@ -131,9 +159,9 @@ def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, hea
             return loss, dict(metrics, units=e["units"])
 
         mbs = []
-        for m, u in zip(micro, units, strict=True):
+        for m, u, scale in zip(micro, units, scales, strict=True):
             sub = batch.seqs.rows(m)
-            extra = {"targets": sub.targets, "mask": sub.mask, "units": u}
+            extra = {"targets": sub.targets, "mask": sub.mask, "units": u, "scale": scale}
             for k in ("advantages", "old_logprob", "old_entropy", "proxy_logprob"):
                 extra[k] = getattr(batch, k)[m]
             mbs.append(MicroBatch(sub.tokens.to(device), extra))

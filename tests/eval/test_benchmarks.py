@@ -46,9 +46,13 @@ def test_parquet_and_field_overrides(tmp_path):
 
 class _Tok:
     eos_token_id = 1
+    chat_template = "(fake)"
 
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-        return [5, 6, 7]
+        return "\x05\x06\x07"
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)

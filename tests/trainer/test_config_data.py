@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_lpreg.config import ConfigError, load_config, parse_override
-from megatron_lpreg.data.prompts import DataError, ShuffledOrder, encode_prompt, get_path, read_rows
+from megatron_lpreg.data.prompts import DataError, ShuffledOrder, get_path, read_rows
+from megatron_lpreg.data.template import encode_prompt
 from megatron_lpreg.trainer.batching import pack_sequences, token_budget_micro_batches
 from tests.trainer.runs import CONFIG
 
@@ -58,15 +59,17 @@ def test_rows_from_jsonl_and_parquet(tmp_path):
 
 
 class _Tok:
+    chat_template = "(fake)"
+
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-        return list(range(100, 100 + 10 * len(messages)))
+        return "".join(chr(100 + i) for i in range(10 * len(messages)))
 
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
 
 
 def test_prompts_are_left_truncated():
-    ids = encode_prompt(_Tok(), "x", apply_chat_template=True, max_tokens=4)
+    ids = encode_prompt(_Tok(), "x", template="chat", max_tokens=4)
     assert ids == [106, 107, 108, 109]  # the end (next to the generation prompt) survives
 
 
