@@ -66,3 +66,64 @@ def test_weights_change_and_checkpoints_exist(run):
     # the version counts RL steps whose update was applied (all of them here)
     assert metrics(out)[-1]["policy_version"] == STEPS
     assert (out / "config.yaml").exists() and any((out / "tensorboard").iterdir())
+
+
+def _logits_after_load(dist_dir: Path, hf_dir: Path):
+    """TP=1 (the run trained at TP=2): a training checkpoint, optimiser state and all,
+    loaded the way `megatron_lpreg.eval` loads it; logits of a fixed sequence."""
+    from megatron.core import tensor_parallel
+
+    from megatron_lpreg.model.builder import build_gpt
+    from megatron_lpreg.model.checkpoint import load_into
+    from megatron_lpreg.model.hf_config import load_spec
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    spec = load_spec(hf_dir)
+    model = build_gpt(spec).eval()
+    load_into(model, dist_dir, allow_extra=True)
+    tokens = torch.arange(2, 14).unsqueeze(0)
+    with torch.no_grad():
+        return model(tokens, torch.arange(12).unsqueeze(0), None)[..., : spec.vocab_size].clone()
+
+
+def test_a_training_checkpoint_loads_at_another_tp_and_matches_hf(run):
+    import transformers
+
+    from megatron_lpreg.model.hf_config import load_spec
+    from megatron_lpreg.model.mapping import all_rules, to_hf
+    from tests.distributed import Layout, run_ranks
+
+    out, task, _ = run
+    ckpt = out / "checkpoints" / f"step_{STEPS:06d}"
+    got = run_ranks(_logits_after_load, Layout(tp=1), ckpt / "dist", task / "model")[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(task / "model", dtype=torch.float32).eval()
+    spec = load_spec(task / "model")
+    rules = all_rules(spec)
+    state = {hf_name: t for name, full in checkpoint_tensors(ckpt, task / "model").items()
+             for hf_name, t in to_hf(spec, name, rules[name], full)}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        want = hf(torch.arange(2, 14).unsqueeze(0)).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_eval_cli_on_a_training_checkpoint_takes_the_runs_settings(run, tmp_path):
+    """The CLI on a trainer-written checkpoint (TP=2 run, evaluated at TP=1): the run's
+    config supplies model dir, benchmarks, data dir and response length."""
+    import json
+    import subprocess
+    import sys
+
+    out, _, _ = run
+    report = tmp_path / "report"
+    cmd = [sys.executable, "-m", "megatron_lpreg.eval", "--checkpoint", str(out / "checkpoints" / "step_000002"),
+           "--tp", "1", "--dtype", "float32", "--k", "2", "--temperature", "1.0", "--limit", "2",
+           "--sample", "aime25:temperature=0.6,k=3", "--out", str(report)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(report.with_suffix(".json").read_text())
+    assert set(res) == {"aime25", "olympiadbench", "average"}  # the run's eval.benchmarks
+    assert (res["aime25"]["k"], res["aime25"]["temperature"]) == (3, 0.6)
+    assert (res["olympiadbench"]["k"], res["olympiadbench"]["temperature"]) == (2, 1.0)
+    assert res["aime25"]["max_new_tokens"] == 4  # the run's eval.max_new_tokens
