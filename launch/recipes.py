@@ -30,6 +30,9 @@ RECIPES = {
     "qwen25_32b_lpreg_onpolicy": Recipe("examples/qwen25_32b_lpreg_onpolicy.yaml", nodes=8, gpus_per_node=8,
                                         procs_per_node=8, time="48:00:00",
                                         description="Qwen2.5-32B-Base, Lp-Reg on-policy, 64 GPUs"),
+    "qwen25_32b_lpreg_offpolicy": Recipe("examples/qwen25_32b_lpreg_offpolicy.yaml", nodes=8, gpus_per_node=8,
+                                         procs_per_node=8, time="48:00:00",
+                                         description="Qwen2.5-32B-Base, Lp-Reg off-policy, 64 GPUs"),
 }
 
 # The paper-scale comparison (issue 11): the same recipe with each method's overrides,

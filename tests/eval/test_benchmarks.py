@@ -17,7 +17,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "eval"
 
 @pytest.mark.parametrize("name,first_answer", [
     ("aime24", "204"), ("aime25", "70"), ("math500", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("minerva", "1.6"), ("olympiadbench", "6"),
+    ("minerva", "1.6"), ("olympiadbench", "6"), ("amc", "17"),
 ])
 def test_each_fixture_loads(name, first_answer):
     probs = load_benchmark(find_file(FIXTURES, name), BENCHMARKS[name])

@@ -79,3 +79,32 @@ def test_pathological_inputs_time_out_and_do_not_stall():
         results = pool.score(hostile, ["1", "1", "1", "1", "2"])
     assert time.monotonic() - t < 60
     assert [r.score for r in results] == [0.0, 0.0, 0.0, 0.0, 1.0], results
+
+
+ANSWER_LINES = [
+    ("Step 1 ... so 6*7.\nAnswer: 42", "42"),                  # DAPO-Math's own format
+    ("work\n**Answer:** $\\frac{1}{2}$", "0.5"),
+    ("Answer: 41\nWait, let me recheck.\nAnswer: 42", "42"),   # the last one counts
+]
+
+
+@pytest.mark.parametrize("response,truth", ANSWER_LINES)
+def test_answer_lines_count_in_any_format_and_not_in_boxed(response, truth):
+    assert grade(response, truth, "any") == (1.0, "correct")
+    assert grade(response, truth, "boxed") == (0.0, "no_answer")
+
+
+def test_boxed_format_reads_boxed_only_and_boxed_wins_in_any():
+    assert grade(r"Answer: 41 so \boxed{42}", "42", "boxed") == (1.0, "correct")
+    assert grade(r"\boxed{42}" + "\nAnswer: 41", "42", "any") == (1.0, "correct")  # \boxed{} before Answer:
+    assert extract_answer(r"\fbox{7}", "boxed") is None and extract_answer(r"\fbox{7}", "any") == "7"
+    assert extract_answer("The final answer is 12.", "boxed") is None
+    with pytest.raises(ValueError, match="not one of"):
+        extract_answer("x", "boxedd")
+
+
+def test_the_pool_grades_in_the_runs_answer_format():
+    texts, truths = ["Answer: 42", r"\boxed{42}"], ["42", "42"]
+    for fmt, want in (("any", [1.0, 1.0]), ("boxed", [0.0, 1.0])):
+        with VerifierPool(1, timeout_s=10, answer_format=fmt) as pool:
+            assert [r.score for r in pool.score(texts, truths)] == want, fmt

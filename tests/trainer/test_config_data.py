@@ -122,6 +122,7 @@ def test_plot_run_writes_png_and_summary(tmp_path, capsys):
     ("qwen3_14b_lpreg_onpolicy", "qwen3_14b_base", 14.77),
     ("qwen3_14b_lpreg_offpolicy", "qwen3_14b_base", 14.77),
     ("qwen25_32b_lpreg_onpolicy", "qwen25_32b_base", 32.76),
+    ("qwen25_32b_lpreg_offpolicy", "qwen25_32b_base", 32.76),
 ])
 def test_published_configs_fit_80gb_gpus(name, model, params_b):
     from megatron_lpreg.model.hf_config import spec_from_hf_config
@@ -142,3 +143,22 @@ def test_published_configs_fit_80gb_gpus(name, model, params_b):
     unfused = estimate(spec, cfg, world_size=64)
     assert unfused.logits_gb == pytest.approx(cfg.algo.micro_token_budget * vocab_here * 2 * 2 / 1e9)
     assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.proxy_threshold, cfg.algo.kl_coef) == (1.0, 9.0, 0.02, 1.0)
+
+
+def test_per_benchmark_sampling_from_yaml_and_overrides(tmp_path):
+    from megatron_lpreg.config import ConfigError, load_config
+    from megatron_lpreg.eval.run import benchmark_sampling
+
+    path = tmp_path / "c.yaml"
+    path.write_text("eval:\n  k: 2\n  per_benchmark:\n    aime24: {temperature: 0.6}\n")
+    cfg = load_config(path, ["eval.per_benchmark.aime24.k=16", "eval.per_benchmark.amc.top_p=0.9"])
+    assert benchmark_sampling(cfg.eval, "aime24") == (0.6, 1.0, 16)
+    assert benchmark_sampling(cfg.eval, "amc") == (0.0, 0.9, 2)
+    assert benchmark_sampling(cfg.eval, "math500") == (0.0, 1.0, 2)
+    with pytest.raises(ConfigError, match="eval.per_benchmark.aime24.kk"):
+        load_config(path, ["eval.per_benchmark.aime24.kk=3"])
+    with pytest.raises(ConfigError, match="is a mapping of names"):
+        load_config(path, ["eval.per_benchmark=3"])
+    cfg.eval.per_benchmark["aime42"] = cfg.eval.per_benchmark["aime24"]
+    with pytest.raises(ValueError, match="unknown benchmarks"):
+        benchmark_sampling(cfg.eval, "aime24")
