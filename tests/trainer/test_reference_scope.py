@@ -18,6 +18,7 @@ import torch
 from megatron_lpreg.trainer.reference_batching import balanced_partitions, mini_batch_slices
 from tests.distributed import Layout, run_ranks
 from tests.rollout.tiny_model import CONFIG
+from tests.trainer.random_batch import random_sequences
 
 # ---------------------------------------------------------------- transcription
 # verl/utils/seqlen_balancing.py (karmarkar_karp, get_seqlen_balanced_partitions), as read
@@ -141,14 +142,8 @@ ALGO = dict(loss="lp_reg", selection_scope="reference", loss_agg_mode="reference
 
 
 def _batch():
-    from megatron_lpreg.trainer.batching import pack_sequences
-
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 500, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(N_ROWS)]
-    responses = [torch.randint(1, 500, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(N_ROWS)]
-    seqs = pack_sequences(prompts, responses, 0)
+    seqs = random_sequences(g, N_ROWS, response_tokens=(2, 9))
     adv = torch.randn(N_ROWS, 1, generator=g) * seqs.mask
     old = -torch.rand(seqs.mask.shape, generator=g) * 8
     proxy = -torch.rand(seqs.mask.shape, generator=g) * 12  # some selected tokens below it, some above

@@ -10,18 +10,14 @@ import torch
 
 from tests.distributed import Layout, run_ranks
 from tests.rollout.tiny_model import CONFIG
+from tests.trainer.random_batch import random_sequences
 
 
 def _batch(n=12, seed=0):
-    from megatron_lpreg.trainer.batching import pack_sequences
     from megatron_lpreg.trainer.update import UpdateBatch
 
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, 500, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(n)]
-    responses = [torch.randint(1, 500, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
-                 for _ in range(n)]
-    seqs = pack_sequences(prompts, responses, 0)
+    seqs = random_sequences(g, n)
     adv = torch.randn(n, 1, generator=g) * seqs.mask
     old = -torch.rand(seqs.mask.shape, generator=g) * 3
     return UpdateBatch(seqs, adv, old, torch.rand(seqs.mask.shape, generator=g), old + 0.5, old)
