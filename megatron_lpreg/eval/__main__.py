@@ -116,7 +116,7 @@ def eval_settings(a, run):
 def _load_weights(gpt, spec, ckpt: Path) -> None:
     from megatron_lpreg.model.builder import load_hf_weights
     from megatron_lpreg.model.checkpoint import load_into
-    from megatron_lpreg.model.convert import HFShards
+    from megatron_lpreg.model.hf_shards import HFShards
 
     if (ckpt / "config.json").exists() and any(ckpt.glob("*.safetensors")):
         load_hf_weights(gpt, spec, HFShards(ckpt).get)
@@ -152,10 +152,10 @@ def main(argv=None) -> int:
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.hf_config import load_spec
     from megatron_lpreg.reward.pool import VerifierPool
+    from megatron_lpreg.rollout.factory import make_engine
     from megatron_lpreg.rollout.weight_sync import WeightSync
-    from megatron_lpreg.trainer.setup import make_engine
 
-    init_job(a.tp)
+    groups = init_job(a.tp)
     from megatron.core import tensor_parallel
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     cfg.model.hf_dir, cfg.model.params_dtype = str(hf_dir), a.dtype
     cfg.parallel.tp, cfg.rollout.engine = a.tp, a.engine
     engine = make_engine(cfg, gpt, spec)
-    WeightSync(gpt, spec, engine).sync(0)
+    WeightSync(gpt, spec, engine, groups=groups).sync(0)
     pool = VerifierPool(2, answer_format=answer_format) if dist.get_rank() == 0 else None
     try:
         max_prompt = min(a.max_prompt_tokens, spec.max_position_embeddings - ecfg.max_new_tokens)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# the reference's weighting across micro-batches (trainer/update.py); a token-mean within one
+REFERENCE_TOKEN_MEAN = "reference-token-mean"
 
 
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:

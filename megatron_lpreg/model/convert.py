@@ -23,8 +23,9 @@ import torch
 from megatron_lpreg.atomic_dir import atomic_directory
 from megatron_lpreg.model import checkpoint
 from megatron_lpreg.model.hf_config import ModelSpec, load_spec, spec_from_hf_config
+from megatron_lpreg.model.hf_shards import ConversionError, HFShards
 from megatron_lpreg.model.mapping import all_rules, hf_names, hf_shapes, megatron_shape, to_hf
-from megatron_lpreg.model.safetensors_io import Planned, SafetensorsFile, StreamingShardWriter
+from megatron_lpreg.model.safetensors_io import Planned, StreamingShardWriter
 
 META_FILE = "lpreg_meta.json"
 TOKENIZER_FILES = (
@@ -41,50 +42,8 @@ TOKENIZER_FILES = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ConversionError(ValueError):
-    pass
-
-
 # ---------------------------------------------------------------------------
 # HF side
-
-
-class HFShards:
-    """Tensor name -> shard file of an HF model directory, read one tensor at a time."""
-
-    def __init__(self, hf_dir: str | Path):
-        self.dir = Path(hf_dir)
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.dir / "model.safetensors").is_file():
-            weight_map = dict.fromkeys(SafetensorsFile(self.dir / "model.safetensors").keys(), "model.safetensors")
-        else:
-            raise ConversionError(f"{self.dir} has neither model.safetensors nor model.safetensors.index.json")
-        missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
-        if missing:
-            raise ConversionError(f"shard file(s) listed in the index are missing from {self.dir}: {missing}")
-        self.weight_map = weight_map
-        self._files: dict[str, SafetensorsFile] = {}
-
-    def _file(self, name: str) -> SafetensorsFile:
-        if name not in self.weight_map:
-            raise ConversionError(f"tensor {name!r} is not in the checkpoint {self.dir}")
-        fname = self.weight_map[name]
-        if fname not in self._files:
-            self._files[fname] = SafetensorsFile(self.dir / fname)
-        if name not in self._files[fname].entries:
-            raise ConversionError(f"the index puts {name!r} in {fname}, which does not hold it")
-        return self._files[fname]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._file(name).shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._file(name).dtype(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._file(name).read(name)
 
 
 def check_hf_weights(spec: ModelSpec, shards: HFShards) -> None:

@@ -53,11 +53,9 @@ def run_micro_batches(
     if not micro_batches:
         return []
     it = iter(micro_batches)
-    current: list[MicroBatch] = []
 
     def step(data_iterator, m):
         mb = next(data_iterator)
-        current.append(mb)
         b, s = mb.shape
         pos = torch.arange(s, device=mb.tokens.device).unsqueeze(0).expand(b, -1)
         out = m(mb.tokens, pos, None)

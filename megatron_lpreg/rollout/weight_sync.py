@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.job import Groups
 from megatron_lpreg.model.builder import canonical_name
 from megatron_lpreg.model.forward import unwrap
 from megatron_lpreg.model.hf_config import ModelSpec
@@ -119,38 +120,35 @@ class _Layout:
     owners: dict[str, tuple[int, tuple[int, ...]]]  # name -> (global rank holding it, local shape)
 
 
-def _layout(model, spec: ModelSpec) -> _Layout:
-    from megatron.core import parallel_state as ps
-
+def _layout(model, spec: ModelSpec, groups: Groups) -> _Layout:
     gpt = unwrap(model)
     rules = all_rules(spec)
     local = _local_params(gpt, spec, rules)
-    owners = _owners(local, rules, ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size())
-    return _Layout(rules, local, owners)
+    return _Layout(rules, local, _owners(local, rules, groups.pp, groups.pp_size))
 
 
 def hf_weight_stream(
     model, spec: ModelSpec, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, stats: SyncStats | None = None,
+    groups: Groups | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor)`` for every HF weight of the model, bucket by bucket.
 
     Every rank of the job must consume the stream to the end in the same order
-    (it runs collectives). ``model``: this rank's (possibly wrapped) GPTModel stage.
+    (it runs collectives). ``model``: this rank's (possibly wrapped) GPTModel stage;
+    ``groups``: this rank's process groups (default: megatron's parallel state).
     """
-    yield from _stream(unwrap(model), spec, _layout(model, spec), bucket_bytes, stats, None)
+    groups = groups or Groups.from_parallel_state()
+    yield from _stream(unwrap(model), spec, _layout(model, spec, groups), bucket_bytes, stats, None, groups)
 
 
 def _stream(gpt, spec: ModelSpec, layout: _Layout, bucket_bytes: int, stats: SyncStats | None,
-            only: set[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
+            only: set[str] | None, groups: Groups) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`hf_weight_stream` over a known layout; ``only``: megatron names to stream
     (default: all), the same on every rank."""
-    from megatron.core import parallel_state as ps
-
     local = layout.local
     owner_rank = {n: r for n, (r, _) in layout.owners.items()}
     rules = layout.rules if only is None else {n: r for n, r in layout.rules.items() if n in only}
-    pp_group = ps.get_pipeline_model_parallel_group()
-    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_group, pp = groups.pp, groups.pp_size
 
     dtype = next(iter(local.values())).dtype
     padded = gpt.vocab_size
@@ -158,8 +156,7 @@ def _stream(gpt, spec: ModelSpec, layout: _Layout, bucket_bytes: int, stats: Syn
     full_shape = {n: megatron_shape(n, r, shapes, padded) for n, r in rules.items()}
     nbytes = {n: torch.Size(s).numel() * dtype.itemsize for n, s in full_shape.items()}
     device = next(iter(local.values())).device
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp = ps.get_tensor_model_parallel_world_size()
+    tp_group, tp = groups.tp, groups.tp_size
     me = dist.get_rank()
 
     for bucket in _buckets(list(rules), nbytes, bucket_bytes):
@@ -232,25 +229,24 @@ class WeightSync:
     through the bucketed stream."""
 
     def __init__(self, model, spec: ModelSpec, engine: RolloutEngine, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 direct: bool = True):
+                 direct: bool = True, groups: Groups | None = None):
+        """``groups``: this rank's process groups (default: megatron's parallel state)."""
         self.model, self.spec, self.engine, self.bucket_bytes = model, spec, engine, bucket_bytes
         self.direct = direct
+        self.groups = groups or Groups.from_parallel_state()
         self._layout: _Layout | None = None  # and the plan below, made at the first sync
         self._direct: dict[str, torch.Tensor] = {}  # megatron name -> engine parameter it is copied into
         self._streamed: set[str] = set()
         self._local_spec: ModelSpec | None = None
 
     def _make_plan(self) -> None:
-        from megatron.core import parallel_state as ps
-
-        layout = _layout(self.model, self.spec)
-        tp = ps.get_tensor_model_parallel_world_size()
-        engine_params = self.engine.local_params(tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp) \
-            if self.direct else None
+        layout = _layout(self.model, self.spec, self.groups)
+        tp = self.groups.tp_size
+        engine_params = self.engine.local_params(tp_rank=self.groups.tp_rank, tp_size=tp) if self.direct else None
         plan = _direct_plan(layout.rules, layout.owners, engine_params) if engine_params is not None else {}
         # the stream of the rest runs collectives over the whole job: every rank must agree on it
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, sorted(plan))
+        everyone: list = [None] * dist.get_world_size(self.groups.world)
+        dist.all_gather_object(everyone, sorted(plan), group=self.groups.world)
         common = set.intersection(*(set(x) for x in everyone))
         self._layout = layout
         self._direct = {n: dst for n, dst in plan.items() if n in common}
@@ -259,10 +255,8 @@ class WeightSync:
                                                num_query_groups=self.spec.num_query_groups // tp)
 
     def _copy_direct(self, stats: SyncStats) -> None:
-        from megatron.core import parallel_state as ps
-
         local, owners = self._layout.local, self._layout.owners
-        pp_group = ps.get_pipeline_model_parallel_group()
+        pp_group = self.groups.pp
         me, pp = dist.get_rank(), dist.get_world_size(pp_group)
         dtype = next(iter(local.values())).dtype
         for n, dst in self._direct.items():
@@ -286,7 +280,7 @@ class WeightSync:
             self._copy_direct(stats)
             if self._streamed:
                 self.engine.load_weights(_stream(unwrap(self.model), self.spec, self._layout, self.bucket_bytes,
-                                                 stats, self._streamed))
+                                                 stats, self._streamed, self.groups))
             self.engine.weights_updated()
         self.engine.set_version(version)
         stats.seconds = time.perf_counter() - t0

@@ -60,19 +60,21 @@ class OutputHead:
         return vocab_parallel_logprob(out, target, **kw)
 
     def loss(self, out: torch.Tensor, target: torch.Tensor, loss_of, *, temperature: float, separable: bool,
-             placeholder_logprob: torch.Tensor, placeholder_entropy: torch.Tensor | None,
+             old_logprob: torch.Tensor | None = None, old_entropy: torch.Tensor | None = None,
              with_entropy: bool = True):
         """``loss_of(logprob, entropy) -> (scalar loss, metrics)`` on the log-probs and
         entropies (None unless ``with_entropy``) of ``target`` ``[b, s]``; returns what it returns, the loss
         differentiable. A fused head with a token-separable loss (``separable``, see
-        :func:`megatron_lpreg.loss.registry.token_separable`) forms the gradients in the
-        forward; otherwise the log-probs are computed first (fused: recomputing each
-        chunk's logits in backward). Placeholders ``[b, s]``: values the per-chunk calls
-        see for tokens not computed yet (the old policy's)."""
+        :class:`megatron_lpreg.loss.registry.LossSpec`) forms the gradients in the
+        forward, the per-chunk calls seeing the old policy's values ``[b, s]`` (zeros when
+        not given) for tokens not computed yet; otherwise the log-probs are computed
+        first (fused: recomputing each chunk's logits in backward)."""
         if self.fused and separable:
+            if old_logprob is None:
+                old_logprob = torch.zeros(target.shape, device=out.device)
             loss, _, _, metrics = fused_logprob_loss(
-                out, self.weight(), target, loss_of, placeholder_logprob=placeholder_logprob,
-                placeholder_entropy=placeholder_entropy, temperature=temperature, tp_group=self.tp_group,
+                out, self.weight(), target, loss_of, placeholder_logprob=old_logprob,
+                placeholder_entropy=old_entropy, temperature=temperature, tp_group=self.tp_group,
                 vocab_size=self.vocab_size, with_entropy=with_entropy, chunk_tokens=self.chunk_tokens,
                 reduce_hidden_grad=not self.sequence_parallel)
             return loss, metrics

@@ -1,10 +1,12 @@
-"""The RLVR loop, top to bottom:
+"""The RLVR loop. One step is a short sequence of phases::
 
-    rollout (vLLM) -> reward -> advantages -> old-policy pass (log-probs + proxy)
-    -> PPO epochs over mini-batches -> weight sync (next step) -> metrics -> checkpoint
+    sample (rollout, grading, shaping, refill) -> advantages -> old-policy pass
+    -> update (epochs x mini-batches) -> evaluation -> metrics -> checkpoint
 
-Every rank runs this function; the job's ``torch.distributed`` world and
-megatron's parallel state are set up by the caller (:mod:`megatron_lpreg.train`).
+Every rank runs :func:`train`; the job's ``torch.distributed`` world, megatron's
+parallel state and the process groups (:class:`megatron_lpreg.job.Groups`) are set
+up by the caller (:mod:`megatron_lpreg.train`). The pieces a step uses are built
+once (:func:`build`); each phase is a function one call below.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,20 +23,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_lpreg.algo.advantages import grpo_advantages
-from megatron_lpreg.config import (
-    RunConfig,
-    eval_max_new_tokens,
-    save_config,
-    uses_reference_batching,
-)
+from megatron_lpreg.config import RunConfig, eval_max_new_tokens, save_config
 from megatron_lpreg.data.prompts import ShuffledOrder, load_examples
 from megatron_lpreg.data.template import end_token_ids
 from megatron_lpreg.eval.run import evaluate
-from megatron_lpreg.job import broadcast_object
+from megatron_lpreg.job import Groups
+from megatron_lpreg.loss.aer import AERController
 from megatron_lpreg.model.builder import build_gpt, load_hf_weights
-from megatron_lpreg.model.convert import HFShards
 from megatron_lpreg.model.hf_config import load_spec
-from megatron_lpreg.rollout.engine import SamplingConfig
+from megatron_lpreg.model.hf_shards import HFShards
+from megatron_lpreg.rollout.factory import make_engine
 from megatron_lpreg.rollout.weight_sync import WeightSync
 from megatron_lpreg.trainer.batching import (
     data_parallel_rows,
@@ -44,36 +44,89 @@ from megatron_lpreg.trainer.head import OutputHead
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
 from megatron_lpreg.trainer.memory import estimate
 from megatron_lpreg.trainer.metrics import MetricsWriter, response_token_stats
-from megatron_lpreg.trainer.setup import (
-    StopRequest,
-    is_logging_rank,
-    make_engine,
-    make_optimizer,
-    model_overrides,
-    set_lr,
-    wrap_ddp,
-)
+from megatron_lpreg.trainer.optim import make_optimizer, set_lr
+from megatron_lpreg.trainer.parallelize import model_overrides, wrap_ddp
+from megatron_lpreg.trainer.reference_batching import uses_reference_batching
+from megatron_lpreg.trainer.run_state import Intervals, RunState, TooManyBadSteps
+from megatron_lpreg.trainer.sampling import StepSamples, sample_step
 from megatron_lpreg.trainer.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_lpreg.trainer.stop import StopRequest
 from megatron_lpreg.trainer.update import UpdateBatch, policy_update
 from megatron_lpreg.trainer.warm_start import warm_start
 
-
-class TooManyBadSteps(RuntimeError):
-    pass
-
+__all__ = ["FINISHED", "TooManyBadSteps", "train"]
 
 FINISHED = "FINISHED"  # written to out_dir when every step is done (launch/ scripts read it)
 
 
-def _log(msg: str) -> None:
-    if dist.get_rank() == 0:
-        print(f"[train] {msg}", flush=True)
-
-
-def train(cfg: RunConfig) -> list[dict]:
+def train(cfg: RunConfig, groups: Groups | None = None) -> list[dict]:
     """Run (or resume) ``cfg``; returns the metrics records written by this run."""
+    t = build(cfg, groups or Groups.from_parallel_state())
+    records = []
+    try:
+        for step in range(t.state.step, cfg.train.steps):
+            timing = {}
+            with clock(timing, "step"):
+                samples = sample(t, step, timing)
+                batch = prepare_update(t, samples, timing)
+                updates, lr = update(t, batch, step, timing)
+                t.state.record_update(applied=any(not r["skipped"] for r in updates))
+                evals = evaluate_if_due(t, timing)
+            rec = step_record(t, samples, batch, updates, lr, evals, timing)
+            if t.state.aer is not None:
+                rec.update(aer_step(t, batch, rec.get("actor/entropy")))
+            if t.groups.logging_rank:
+                t.writer.write(rec)
+                records.append(rec)
+                log(summary(rec, cfg.train.steps))
+            if checkpoint_if_due(t):
+                break
+        else:
+            if dist.get_rank() == 0:
+                (t.out / FINISHED).write_text(f"{cfg.train.steps}\n")
+    finally:
+        t.close()
+    return records
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class Trainer:
+    """What the phases use, built once by :func:`build`."""
+
+    cfg: RunConfig
+    groups: Groups
+    out: Path
+    spec: object
+    tokenizer: object
+    model: object
+    head: OutputHead
+    optimizer: object
+    engine: object
+    sync: WeightSync
+    pool: object            # reward workers on rank 0, None elsewhere
+    examples: list
+    stop_ids: tuple[int, ...]
+    state: RunState
+    intervals: Intervals
+    stop: StopRequest
+    writer: MetricsWriter
+
+    def close(self) -> None:
+        self.stop.restore()
+        self.writer.close()
+        if self.pool is not None:
+            self.pool.close()
+        if hasattr(self.engine, "close"):
+            self.engine.close()
+
+
+def build(cfg: RunConfig, groups: Groups) -> Trainer:
+    """Model, weights, data, optimiser, rollout engine, reward workers; resumes from the
+    newest checkpoint in ``train.out_dir`` or writes step 0 (after the warm start)."""
     import transformers
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
     out = Path(cfg.train.out_dir)
@@ -86,224 +139,220 @@ def train(cfg: RunConfig) -> list[dict]:
     spec = load_spec(cfg.model.hf_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.tokenizer_dir or cfg.model.hf_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.params_dtype]
-    _log(f"memory estimate per GPU (see megatron_lpreg/trainer/memory.py):\n"
-         f"{estimate(spec, cfg, world_size=dist.get_world_size()).table()}")
+    log(f"memory estimate per GPU (see megatron_lpreg/trainer/memory.py):\n"
+        f"{estimate(spec, cfg, world_size=dist.get_world_size()).table()}")
     gpt = build_gpt(spec, params_dtype=dtype, **model_overrides(cfg.parallel))
     load_hf_weights(gpt, spec, HFShards(cfg.model.hf_dir).get)
-    head = OutputHead(gpt, fused=cfg.model.fused_output, vocab_size=spec.vocab_size,
-                      tp_group=ps.get_tensor_model_parallel_group(), chunk_tokens=cfg.model.fused_chunk_tokens)
+    head = OutputHead(gpt, fused=cfg.model.fused_output, vocab_size=spec.vocab_size, tp_group=groups.tp,
+                      chunk_tokens=cfg.model.fused_chunk_tokens)
     examples = load_examples(cfg.data.train_path, tokenizer, prompt_key=cfg.data.prompt_key,
                              answer_key=cfg.data.answer_key, prompt_template=cfg.data.prompt_template,
                              max_prompt_tokens=cfg.data.max_prompt_tokens)
-    order = ShuffledOrder(len(examples), cfg.data.shuffle_seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop_ids = end_token_ids(tokenizer, cfg.model.hf_dir)
+    aer = AERController.from_config(cfg.algo) if cfg.algo.entropy_control == "aer" else None
+    state = RunState(ShuffledOrder(len(examples), cfg.data.shuffle_seed), aer)
 
     model = wrap_ddp(gpt, cfg)
-    state = {"step": 0, "version": 0, "bad_in_row": 0, "bad_total": 0}
     ckpt = latest_checkpoint(out)
     if ckpt is None and cfg.warm_start.steps > 0:  # a checkpoint (step 0 included) comes after it
-        warm_start(model, cfg, examples, tokenizer, head)
+        warm_start(model, cfg, examples, tokenizer, head, groups)
     optimizer = make_optimizer(model, cfg.optim)
     if ckpt is not None:
-        _log(f"resuming from {ckpt}")
-        state = load_checkpoint(ckpt, model, optimizer)
+        log(f"resuming from {ckpt}")
+        state.load_state_dict(load_checkpoint(ckpt, model, optimizer))
         if dist.get_rank() == 0:  # an audit trail of restarts (requeues, resubmissions)
             with open(out / "resume_log.jsonl", "a") as f:
-                f.write(json.dumps({"from_step": state["step"], "checkpoint": ckpt.name, "time": time.time()}) + "\n")
-        order.load_state_dict(state.pop("data"))
+                f.write(json.dumps({"from_step": state.step, "checkpoint": ckpt.name, "time": time.time()}) + "\n")
     else:
-        save_checkpoint(out, 0, model, optimizer, dict(state, data=order.state_dict()),
-                        keep_last=cfg.train.keep_last)
+        save_checkpoint(out, 0, model, optimizer, state.state_dict(), keep_last=cfg.train.keep_last)
 
     engine = make_engine(cfg, model, spec, head)
-    show_progress = cfg.train.progress and dist.get_rank() == 0
-    engine.progress = show_progress
-    sync = WeightSync(model, spec, engine, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    engine.progress = cfg.train.progress and dist.get_rank() == 0
     pool = None
     if dist.get_rank() == 0:
         from megatron_lpreg.reward.pool import VerifierPool
 
         pool = VerifierPool(cfg.reward.workers, timeout_s=cfg.reward.timeout_s, memory_mb=cfg.reward.memory_mb,
                             answer_format=cfg.reward.answer_format)
-    stop = StopRequest(cfg.train.stop_file)
-    writer = MetricsWriter(out if is_logging_rank() else None, tensorboard=cfg.train.tensorboard)
-    writer.truncate_after(state["step"])
-    records = []
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    stats_cfg = StatsConfig(cfg.rollout.temperature, cfg.algo.proxy, cfg.algo.proxy_threshold)
-    try:
-        for step in range(state["step"], cfg.train.steps):
-            t0 = time.perf_counter()
-            timing = {}
-            # ---- rollout
-            picked = order.take(cfg.rollout.prompts_per_step)
-            prompts = [examples[i].prompt_ids for i in picked]
-            engine.wake_up()
-            sync_stats = sync.sync(state["version"]) if engine.weights_version != state["version"] else None
-            timing["time/sync_s"] = sync_stats.seconds if sync_stats else 0.0
-            # which path the sync took: shard-to-shard copies vs full tensors through the stream
-            timing["rollout/sync_direct_mb"] = sync_stats.direct_bytes / 2**20 if sync_stats else 0.0
-            timing["rollout/sync_streamed_mb"] = sync_stats.bytes / 2**20 if sync_stats else 0.0
-            sampling = SamplingConfig(
-                n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                stop_token_ids=stop_ids, seed=cfg.train.seed * 100_003 + step,
-            )
-            t = time.perf_counter()
-            batch = engine.generate(prompts, sampling, expected_version=state["version"])
-            engine.sleep()
-            timing["time/rollout_s"] = time.perf_counter() - t
-
-            # ---- reward (rank 0 grades, every rank receives)
-            t = time.perf_counter()
-            graded = None
-            if pool is not None:
-                texts = [tokenizer.decode(r, skip_special_tokens=True) for r in batch.responses]
-                truths = [examples[picked[i]].answer for i in batch.prompt_index]
-                graded = [(g.score, g.reason) for g in pool.score(texts, truths)]
-            graded = broadcast_object(graded)
-            timing["time/reward_s"] = time.perf_counter() - t
-            scores = torch.tensor([g[0] for g in graded], dtype=torch.float32)
-
-            # ---- advantages and the old-policy pass (this DP rank's rows)
-            seqs = pack_sequences(batch.prompts, batch.responses, pad_id)
-            adv = grpo_advantages(scores, torch.tensor(batch.prompt_index), seqs.mask,
-                                  norm_by_std=cfg.algo.norm_adv_by_std)
-            reference = uses_reference_batching(cfg.algo)
-            mine = data_parallel_rows(seqs.lengths, dp, dp_rank, reference=reference)
-            my = seqs.rows(mine)
-            t = time.perf_counter()
-            model.eval()
-            old = sequence_stats(model, my, token_budget_micro_batches(my.lengths, cfg.algo.micro_token_budget),
-                                 head, stats_cfg)
-            model.train()
-            timing["time/old_logprob_s"] = time.perf_counter() - t
-            rollout_lp = torch.zeros_like(my.mask)
-            for r, i in enumerate(mine):
-                p = len(batch.prompts[i])
-                rollout_lp[r, p - 1 : p - 1 + len(batch.responses[i])] = torch.tensor(batch.logprobs[i])
-
-            # ---- update
-            t = time.perf_counter()
-            lr = set_lr(optimizer, cfg.optim, step, cfg.train.steps)
-            # earlier pipeline stages have no statistics (no logits): they run the same
-            # schedule on placeholders that their loss never reads
-            per_token = old or dict.fromkeys(("logprob", "entropy", "proxy_logprob"), torch.zeros_like(my.mask))
-            ub = UpdateBatch(my, adv[mine], per_token["logprob"], per_token["entropy"], per_token["proxy_logprob"],
-                             rollout_lp)
-            chunks = mini_batch_positions(len(mine), cfg.algo.mini_batches, reference=reference)
-            steps = [(e, c) for e in range(cfg.algo.ppo_epochs) for c in chunks]
-            upd = []
-            for _, chunk in tqdm(steps, desc="update", leave=False, disable=not show_progress):
-                upd += policy_update(model, optimizer, ub, cfg.algo, head=head,
-                                     temperature=cfg.rollout.temperature, mini_batch_rows=[chunk])
-            timing["time/update_s"] = time.perf_counter() - t
-            # skips are decided collectively (one all-reduce), so every rank counts the same
-            if any(not r["skipped"] for r in upd):
-                state["version"] += 1
-                state["bad_in_row"] = 0
-            else:
-                state["bad_in_row"] += 1
-                state["bad_total"] += 1
-            state["step"] = step + 1
-
-            # ---- periodic evaluation (the weights reach the engine first)
-            eval_rec = {}
-            if cfg.eval.every_n_steps and (step + 1) % cfg.eval.every_n_steps == 0:
-                t = time.perf_counter()
-                engine.wake_up()
-                if engine.weights_version != state["version"]:
-                    sync.sync(state["version"])
-                max_new = eval_max_new_tokens(cfg)
-                max_prompt = max(1, spec.max_position_embeddings - max_new)
-                res = evaluate(engine, tokenizer, cfg.eval, pool, version=state["version"],
-                               max_prompt_tokens=min(max_prompt, cfg.data.max_prompt_tokens),
-                               max_new_tokens=max_new, prompt_template=cfg.data.prompt_template,
-                               stop_ids=stop_ids, seed=cfg.train.seed)
-                engine.sleep()
-                eval_rec = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average"
-                            for m in ("avg@k", "pass@k")}
-                eval_rec["eval/average"] = res.get("average", float("nan"))
-                eval_rec["time/eval_s"] = time.perf_counter() - t
-
-            # ---- metrics
-            rec = _step_record(step, batch, scores, graded, old, rollout_lp, my, upd, timing, lr, state)
-            rec.update(eval_rec)
-            rec["time/step_s"] = time.perf_counter() - t0
-            rec["rollout/tokens_per_s"] = batch.num_tokens / max(timing["time/rollout_s"], 1e-9)
-            if is_logging_rank():
-                writer.write(rec)
-                records.append(rec)
-                _log(_summary(rec, cfg.train.steps))
-
-            # ---- checkpoint
-            last = step + 1 == cfg.train.steps
-            too_bad = state["bad_in_row"] > cfg.train.max_bad_steps
-            stopping = stop.requested()
-            if last or too_bad or stopping or (step + 1) % cfg.train.save_every == 0:
-                save_checkpoint(out, step + 1, model, optimizer, dict(state, data=order.state_dict()),
-                                keep_last=cfg.train.keep_last)
-            if stopping and not last:
-                _log(f"stop requested: checkpointed step {step + 1}; resubmit (or requeue) to continue")
-                break
-            if too_bad:
-                raise TooManyBadSteps(
-                    f"{state['bad_in_row']} steps in a row had non-finite loss or gradients "
-                    f"(limit train.max_bad_steps={cfg.train.max_bad_steps}); the last good weights are "
-                    f"checkpointed at step {step + 1} in {out / 'checkpoints'}"
-                )
-        else:
-            if dist.get_rank() == 0:
-                (out / FINISHED).write_text(f"{cfg.train.steps}\n")
-    finally:
-        stop.restore()
-        writer.close()
-        if pool is not None:
-            pool.close()
-        if hasattr(engine, "close"):
-            engine.close()
-    return records
+    writer = MetricsWriter(out if groups.logging_rank else None, tensorboard=cfg.train.tensorboard)
+    writer.truncate_after(state.step)
+    return Trainer(cfg, groups, out, spec, tokenizer, model, head, optimizer, engine,
+                   WeightSync(model, spec, engine, bucket_bytes=cfg.rollout.sync_bucket_mb << 20, groups=groups),
+                   pool, examples, end_token_ids(tokenizer, cfg.model.hf_dir), state, Intervals.from_config(cfg),
+                   StopRequest(cfg.train.stop_file), writer)
 
 
-def _step_record(step, batch, scores, graded, old, rollout_lp, my, upd, timing, lr, state) -> dict:
-    from collections import Counter
+# ---------------------------------------------------------------------------- phases
 
-    lengths = [len(r) for r in batch.responses]
+
+def sample(t: Trainer, step: int, timing: dict) -> StepSamples:
+    """Rollout with the current weights (synced first), graded and shaped; with
+    ``rollout.dynamic_sampling`` refilled until enough groups are informative."""
+    t.engine.wake_up()
+    with clock(timing, "sync"):
+        stats = t.sync.sync(t.state.version) if t.engine.weights_version != t.state.version else None
+    # which path the sync took: shard-to-shard copies vs full tensors through the stream
+    timing["rollout/sync_direct_mb"] = stats.direct_bytes / 2**20 if stats else 0.0
+    timing["rollout/sync_streamed_mb"] = stats.bytes / 2**20 if stats else 0.0
+    samples = sample_step(t.cfg, t.engine, t.tokenizer, t.examples, t.state.order, t.pool, step=step,
+                          version=t.state.version, stop_ids=t.stop_ids)
+    t.engine.sleep()
+    timing.update((k, v) for k, v in samples.metrics.items() if k.startswith("time/"))
+    return samples
+
+
+def prepare_update(t: Trainer, samples: StepSamples, timing: dict) -> UpdateBatch:
+    """Advantages over the step, this DP rank's rows, and their old-policy pass
+    (log-prob, entropy, Lp-Reg proxy) on the ``[N, L]`` grid."""
+    cfg = t.cfg
+    pad_id = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else 0
+    seqs = pack_sequences(samples.prompts, samples.responses, pad_id)
+    adv = grpo_advantages(samples.scores, torch.tensor(samples.group), seqs.mask, norm_by_std=cfg.algo.norm_adv_by_std)
+    mine = data_parallel_rows(seqs.lengths, t.groups.dp_size, t.groups.dp_rank,
+                              reference=uses_reference_batching(cfg.algo))
+    my = seqs.rows(mine)
+    with clock(timing, "old_logprob"):
+        t.model.eval()
+        old = sequence_stats(t.model, my, token_budget_micro_batches(my.lengths, cfg.algo.micro_token_budget),
+                             t.head, StatsConfig(cfg.rollout.temperature, cfg.algo.proxy, cfg.algo.proxy_threshold))
+        t.model.train()
+    rollout_lp = torch.zeros_like(my.mask)
+    for r, i in enumerate(mine):
+        p = len(samples.prompts[i])
+        rollout_lp[r, p - 1 : p - 1 + len(samples.responses[i])] = torch.tensor(samples.logprobs[i])
+    # earlier pipeline stages have no statistics (no logits): they run the same
+    # schedule on placeholders that their loss never reads
+    per_token = old or dict.fromkeys(("logprob", "entropy", "proxy_logprob"), torch.zeros_like(my.mask))
+    weights = t.state.aer.weights(samples.group_accuracy())[mine] if t.state.aer is not None else None
+    return UpdateBatch(my, adv[mine], per_token["logprob"], per_token["entropy"], per_token["proxy_logprob"],
+                       rollout_lp, weights)
+
+
+def update(t: Trainer, batch: UpdateBatch, step: int, timing: dict) -> tuple[list[dict], float]:
+    """``algo.ppo_epochs`` x ``algo.mini_batches`` optimiser steps, then AER's coefficient
+    update from the step's entropy. Returns the per-step records and the learning rate."""
+    cfg = t.cfg
+    lr = set_lr(t.optimizer, cfg.optim, step, cfg.train.steps)
+    alpha = t.state.aer.alpha if t.state.aer is not None else 0.0
+    minis = mini_batch_positions(len(batch.seqs.lengths), cfg.algo.mini_batches,
+                                 reference=uses_reference_batching(cfg.algo))
+    steps = [rows for _ in range(cfg.algo.ppo_epochs) for rows in minis]
+    show = cfg.train.progress and dist.get_rank() == 0
+    with clock(timing, "update"):
+        records = [policy_update(t.model, t.optimizer, batch, rows, cfg.algo, head=t.head, groups=t.groups,
+                                 temperature=cfg.rollout.temperature, aer_alpha=alpha)
+                   for rows in tqdm(steps, desc="update", leave=False, disable=not show)]
+    return records, lr
+
+
+def evaluate_if_due(t: Trainer, timing: dict) -> dict:
+    """The benchmarks (``eval.*``) when the interval says so; the weights reach the engine first."""
+    if not t.intervals.eval_due(t.state.step):
+        return {}
+    cfg = t.cfg
+    with clock(timing, "eval"):
+        t.engine.wake_up()
+        if t.engine.weights_version != t.state.version:
+            t.sync.sync(t.state.version)
+        max_new = eval_max_new_tokens(cfg)
+        max_prompt = max(1, t.spec.max_position_embeddings - max_new)
+        res = evaluate(t.engine, t.tokenizer, cfg.eval, t.pool, version=t.state.version,
+                       max_prompt_tokens=min(max_prompt, cfg.data.max_prompt_tokens), max_new_tokens=max_new,
+                       prompt_template=cfg.data.prompt_template, stop_ids=t.stop_ids, seed=cfg.train.seed)
+        t.engine.sleep()
+    out = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average" for m in ("avg@k", "pass@k")}
+    out["eval/average"] = res.get("average", float("nan"))
+    return out
+
+
+def step_record(t: Trainer, samples: StepSamples, batch: UpdateBatch, updates: list[dict], lr: float,
+                evals: dict, timing: dict) -> dict:
+    """The step's metrics; token statistics summed over the DP ranks' rows."""
+    lengths = [len(r) for r in samples.responses]
     rec = {
-        "step": step + 1,
-        "policy_version": state["version"],
+        "step": t.state.step,
+        "policy_version": t.state.version,
         "lr": lr,
-        "reward/mean": float(scores.mean()),
-        "reward/accuracy": float((scores > 0.5).float().mean()),
+        "reward/mean": float(samples.scores.mean()),
+        "reward/accuracy": float((samples.correct > 0.5).float().mean()),
         "response/length_mean": sum(lengths) / len(lengths),
-        "response/clip_ratio": sum(f == "length" for f in batch.finish_reasons) / len(batch),
-        "train/skipped_steps": sum(r.get("skipped", 0) for r in upd),
-        "train/bad_steps_total": state["bad_total"],
+        "response/clip_ratio": sum(f == "length" for f in samples.finish_reasons) / len(samples),
+        "train/skipped_steps": sum(r.get("skipped", 0) for r in updates),
+        "train/bad_steps_total": t.state.bad_total,
+        **{k: v for k, v in samples.metrics.items() if not k.startswith("time/")},
         **timing,
+        **evals,
     }
-    for reason, n in Counter(g[1] for g in graded).items():
-        rec[f"reward/reason/{reason}"] = n / len(graded)
-    if old is not None:
-        st = response_token_stats(old["logprob"], old["entropy"], rollout_lp, my.mask)
+    rec["rollout/tokens_per_s"] = samples.num_tokens / max(timing["time/rollout_s"], 1e-9)
+    if t.groups.last_stage:
+        st = response_token_stats(batch.old_logprob, batch.old_entropy, batch.rollout_logprob, batch.seqs.mask,
+                                  group=t.groups.dp)
         n = max(st.pop("tokens"), 1.0)
         rec["actor/entropy"] = st["entropy"] / n
         rec["sparks/p_lt_0.1"] = st["spark_p_lt_0.1"] / n
         rec["sparks/p_lt_0.01"] = st["spark_p_lt_0.01"] / n
         rec["rollout/mismatch_abs_mean"] = st["mismatch_abs"] / n
         rec["rollout/mismatch_gt_0.1"] = st["mismatch_gt_0.1"] / n
-    if upd:
-        for key in upd[0]:
-            vals = [r[key] for r in upd if isinstance(r.get(key), (int, float))]
-            if vals:
-                # the losses' own "entropy" is over their loss mask (80/20: the top 20% only);
-                # actor/entropy stays the policy's entropy over every sampled token
-                name = "actor/entropy_in_loss" if key == "entropy" else f"actor/{key}"
-                rec[name] = sum(vals) / len(vals)
+    for key in updates[0] if updates else ():
+        vals = [r[key] for r in updates if isinstance(r.get(key), (int, float))]
+        if vals:
+            # the losses' own "entropy" is over their loss mask (80/20: the top 20% only);
+            # actor/entropy stays the policy's entropy over every sampled token
+            name = "actor/entropy_in_loss" if key == "entropy" else f"actor/{key}"
+            rec[name] = sum(vals) / len(vals)
     return rec
 
 
-def _summary(rec: dict, total: int) -> str:
+def aer_step(t: Trainer, batch: UpdateBatch, entropy: float | None) -> dict:
+    """AER's coefficient for the next step from this step's entropy (measured on the last
+    stage, shared with every rank so all keep the same controller)."""
+    value = torch.tensor([entropy if entropy is not None else 0.0], dtype=torch.float64)
+    src = dist.get_process_group_ranks(t.groups.pp)[-1] if t.groups.pp_size > 1 else None
+    if src is not None:
+        dist.broadcast(value, src=src, group=t.groups.pp)
+    aer = t.state.aer
+    used = aer.alpha
+    aer.update(float(value))
+    w = batch.row_weights
+    return {"aer/alpha": used, "aer/next_alpha": aer.alpha, "aer/target_entropy": aer.target,
+            "aer/weight_std": float(w.std()) if w is not None and len(w) > 1 else 0.0}
+
+
+def checkpoint_if_due(t: Trainer) -> bool:
+    """Save when the intervals say so; returns True when the run must stop now."""
+    done = t.state.step
+    too_bad = t.intervals.too_bad(t.state)
+    stopping = t.stop.requested()
+    if t.intervals.save_due(done, stopping=stopping, too_bad=too_bad):
+        save_checkpoint(t.out, done, t.model, t.optimizer, t.state.state_dict(), keep_last=t.cfg.train.keep_last)
+    if too_bad:
+        raise TooManyBadSteps(
+            f"{t.state.bad_in_row} steps in a row had non-finite loss or gradients (limit "
+            f"train.max_bad_steps={t.cfg.train.max_bad_steps}); the last good weights are checkpointed at "
+            f"step {done} in {t.out / 'checkpoints'}")
+    if stopping and done < t.cfg.train.steps:
+        log(f"stop requested: checkpointed step {done}; resubmit (or requeue) to continue")
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+
+@contextmanager
+def clock(timing: dict, name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[f"time/{name}_s"] = timing.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
+
+
+def log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"[train] {msg}", flush=True)
+
+
+def summary(rec: dict, total: int) -> str:
     def g(k, fmt="{:.3f}"):
         v = rec.get(k)
         return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"

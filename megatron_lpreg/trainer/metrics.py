@@ -11,24 +11,29 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, rollout_logprob: torch.Tensor,
-                         mask: torch.Tensor) -> dict[str, float]:
-    """Sums over this rank's response tokens (``[N, L]`` tensors, ``mask`` 1 on them);
-    the caller all-reduces and divides by ``tokens``. "Sparks": sampled tokens the
-    policy gave p < 0.1 / p < 0.01."""
+                         mask: torch.Tensor, group=None) -> dict[str, float]:
+    """Sums over the response tokens (``[N, L]`` tensors of this rank's rows, ``mask`` 1
+    on them) of every rank of ``group`` (the data-parallel group; every rank of it must
+    call); divide by ``tokens``. "Sparks": sampled tokens the policy gave p < 0.1 / p < 0.01."""
     m = mask > 0
     lp = old_logprob[m].double()
     diff = (lp - rollout_logprob[m].double()).abs()
-    return {
-        "tokens": float(m.sum()),
-        "entropy": float(old_entropy[m].double().sum()),
-        "spark_p_lt_0.1": float((lp < math.log(0.1)).sum()),
-        "spark_p_lt_0.01": float((lp < math.log(0.01)).sum()),
-        "mismatch_abs": float(diff.sum()),
-        "mismatch_gt_0.1": float((diff > 0.1).sum()),
+    sums = {
+        "tokens": m.sum(),
+        "entropy": old_entropy[m].double().sum(),
+        "spark_p_lt_0.1": (lp < math.log(0.1)).sum(),
+        "spark_p_lt_0.01": (lp < math.log(0.01)).sum(),
+        "mismatch_abs": diff.sum(),
+        "mismatch_gt_0.1": (diff > 0.1).sum(),
     }
+    t = torch.stack([v.double() for v in sums.values()])
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return dict(zip(sums, t.tolist(), strict=True))
 
 
 class MetricsWriter:

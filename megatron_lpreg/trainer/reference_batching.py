@@ -23,6 +23,14 @@ import heapq
 import math
 from collections.abc import Sequence
 
+from megatron_lpreg.loss.aggregation import REFERENCE_TOKEN_MEAN
+
+
+def uses_reference_batching(algo) -> bool:
+    """Whether the update cuts its batches as the reference does (per-DP-rank dynamic
+    batching of unpadded tokens): the reference scope or aggregation asks for it."""
+    return algo.selection_scope == "reference" or algo.loss_agg_mode == REFERENCE_TOKEN_MEAN
+
 
 class _Part:
     """One part of a partial partition: its total and its (row, length) items."""

@@ -1,4 +1,5 @@
-"""The policy update: PPO epochs over mini-batches of micro-batches, one optimiser step per mini-batch.
+"""One optimiser step on one mini-batch: micro-batches through the pipeline schedule,
+the configured loss and entropy control, a collective finite check, the step.
 
 Loss normalisation. ``token-mean`` here is the exact mean over the tokens of the
 whole *mini-batch* (all micro-batches, all DP ranks); the reference does not
@@ -23,17 +24,18 @@ and ``micro_batch`` rank the current log-probs within each micro-batch.
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.config import REFERENCE_TOKEN_MEAN, AlgoConfig, uses_reference_batching
+from megatron_lpreg.config import AlgoConfig
+from megatron_lpreg.loss.aer import aer_entropy_term
+from megatron_lpreg.loss.aggregation import REFERENCE_TOKEN_MEAN
 from megatron_lpreg.loss.entropy_control import entropy_bonus, high_entropy_mask
 from megatron_lpreg.loss.lp_reg import global_thresholds
-from megatron_lpreg.loss.registry import get_policy_loss, token_separable
+from megatron_lpreg.loss.registry import loss_spec, micro_batch_agg_mode
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
 from megatron_lpreg.trainer import reference_batching
 from megatron_lpreg.trainer.batching import Sequences, token_budget_micro_batches
@@ -42,7 +44,8 @@ from megatron_lpreg.trainer.batching import Sequences, token_budget_micro_batche
 @dataclass
 class UpdateBatch:
     """This rank's rows on the ``[N, L]`` grid: sequences, per-token advantages,
-    old-policy stats and the sampler's log-probs (all fp32 except masks)."""
+    old-policy stats and the sampler's log-probs (all fp32 except masks);
+    ``row_weights [N]``: AER's per-response weights of the entropy term (None: 1)."""
 
     seqs: Sequences
     advantages: torch.Tensor
@@ -50,35 +53,81 @@ class UpdateBatch:
     old_entropy: torch.Tensor
     proxy_logprob: torch.Tensor
     rollout_logprob: torch.Tensor
+    row_weights: torch.Tensor | None = None
 
 
-def _loss_kwargs(fn, algo: AlgoConfig) -> dict:
-    available = {
-        "clip_low": algo.clip_low, "clip_high": algo.clip_high, "loss_agg_mode": _in_micro_batch_mode(algo),
-        "neg_percent": algo.neg_percent, "pos_percent": algo.pos_percent, "kl_coef": algo.kl_coef,
-        "kl_type": algo.kl_type,
-    }
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in available.items() if k in params}
+@dataclass
+class LossInputs:
+    """One micro-batch's inputs to the loss, ``[b, w]`` (``w``: the logits' width) except
+    ``row_weights [b]``; ``scale`` turns its loss into its share of the mini-batch's."""
 
+    targets: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprob: torch.Tensor
+    old_entropy: torch.Tensor
+    proxy_logprob: torch.Tensor
+    rollout_logprob: torch.Tensor
+    row_weights: torch.Tensor | None
+    units: float
+    scale: float
 
-def _in_micro_batch_mode(algo: AlgoConfig) -> str:
-    """How a loss reduces one micro-batch: the reference's mode is a token-mean there."""
-    return "token-mean" if algo.loss_agg_mode == REFERENCE_TOKEN_MEAN else algo.loss_agg_mode
+    @classmethod
+    def of_rows(cls, batch: UpdateBatch, rows: list[int], units: float, scale: float) -> LossInputs:
+        sub = batch.seqs.rows(rows)
+        w = sub.tokens.shape[1]
+        return cls(sub.targets, sub.mask, batch.advantages[rows, :w], batch.old_logprob[rows, :w],
+                   batch.old_entropy[rows, :w], batch.proxy_logprob[rows, :w], batch.rollout_logprob[rows, :w],
+                   None if batch.row_weights is None else batch.row_weights[rows], units, scale)
+
+    def cut(self, width: int, device) -> LossInputs:
+        """The first ``width`` positions (a pipeline stage's logits can be narrower), on ``device``."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = (v[:, :width] if v.dim() == 2 else v).to(device)
+            out[f.name] = v
+        return LossInputs(**out)
 
 
 def _micro_batches(lengths: torch.Tensor, algo: AlgoConfig, dp_group) -> list[list[int]]:
     """Positions into ``lengths`` per micro-batch: padded-token budget, or the reference's cut
     (the same count on every DP rank: one MAX all-reduce)."""
-    if not uses_reference_batching(algo):
+    if not reference_batching.uses_reference_batching(algo):
         return token_budget_micro_batches(lengths, algo.micro_token_budget)
     count = torch.tensor([reference_batching.micro_batch_count(lengths.tolist(), algo.micro_token_budget)])
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
     return reference_batching.micro_batches(lengths.tolist(), int(count))
 
 
-def _all_finite(model, local_bad: bool) -> bool:
-    """All ranks agree whether the loss and every gradient are finite (one all-reduce)."""
+def _scales(batch: UpdateBatch, rows: list[int], micro: list[list[int]], algo: AlgoConfig,
+            groups) -> tuple[list[float], list[float]]:
+    """Per micro-batch: its units and its loss scale (module docstring)."""
+    token_mean = algo.loss_agg_mode in ("token-mean", REFERENCE_TOKEN_MEAN)
+    units = [float(batch.seqs.mask[m].sum()) if token_mean else float(len(m)) for m in micro]
+    if algo.loss_agg_mode == REFERENCE_TOKEN_MEAN:
+        # sequences of the micro-batch / of this rank's mini-batch; DDP's average over ranks is the reference's
+        return units, [len(m) / len(rows) * len(micro) for m in micro]
+    total = torch.tensor([sum(units)], dtype=torch.float64)
+    dist.all_reduce(total, group=groups.dp)
+    return units, [u / max(float(total.item()), 1.0) * len(micro) * groups.dp_size for u in units]
+
+
+def entropy_term(algo: AlgoConfig, entropy, inputs: LossInputs, mask, coef: float):
+    """The entropy control's addition to the loss (None: nothing to add)."""
+    agg = micro_batch_agg_mode(algo)
+    if algo.entropy_control == "bonus":
+        return entropy_bonus(torch.zeros((), dtype=entropy.dtype, device=entropy.device), entropy, mask,
+                             coef=algo.entropy_coef, loss_agg_mode=agg)
+    if algo.entropy_control == "aer" and coef > 0:
+        weights = inputs.row_weights if inputs.row_weights is not None else torch.ones(entropy.shape[0])
+        return aer_entropy_term(entropy, mask, weights.to(entropy.device), coef, agg)
+    return None
+
+
+def _all_finite(model, local_bad: bool, world) -> bool:
+    """All ranks agree whether the loss and every gradient are finite (one all-reduce over ``world``)."""
     bad = torch.tensor([1.0 if local_bad else 0.0])
     for p in model.parameters():
         g = getattr(p, "main_grad", None)
@@ -87,100 +136,64 @@ def _all_finite(model, local_bad: bool) -> bool:
             bad.fill_(1.0)
             break
     bad = bad.to(next(model.parameters()).device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=world)
     return bad.item() == 0
 
 
-def policy_update(model, optimizer, batch: UpdateBatch, algo: AlgoConfig, *, head,
-                  temperature: float, mini_batch_rows: list[list[int]]) -> list[dict]:
-    """One pass (an epoch) over ``mini_batch_rows`` (row indices of ``batch`` per
-    optimiser step). Returns one metrics dict per mini-batch (filled on the last
-    pipeline stage; ``skipped`` everywhere). ``head``: an
-    :class:`megatron_lpreg.trainer.head.OutputHead` (logits or fused)."""
-    from megatron.core import parallel_state as ps
-
-    loss_fn = get_policy_loss(algo.loss)
-    kwargs = _loss_kwargs(loss_fn, algo)
-    dp_group = ps.get_data_parallel_group()
-    dp = ps.get_data_parallel_world_size()
+def policy_update(model, optimizer, batch: UpdateBatch, rows: list[int], algo: AlgoConfig, *, head, groups,
+                  temperature: float, aer_alpha: float = 0.0) -> dict:
+    """One optimiser step on the mini-batch ``rows`` (row indices of ``batch``). Returns its
+    metrics (filled on the last pipeline stage, averaged over DP ranks, counts summed;
+    ``skipped`` everywhere). ``head``: an :class:`megatron_lpreg.trainer.head.OutputHead`
+    (logits or fused); ``groups``: :class:`megatron_lpreg.job.Groups`; ``aer_alpha``: AER's
+    current coefficient (``algo.entropy_control: aer``)."""
+    spec = loss_spec(algo.loss)
+    options = spec.options(algo)
     device = next(model.parameters()).device
-    token_mean = algo.loss_agg_mode in ("token-mean", REFERENCE_TOKEN_MEAN)
-    out = []
-    for rows in mini_batch_rows:
-        micro = _micro_batches(batch.seqs.lengths[rows], algo, dp_group)
-        micro = [[rows[i] for i in m] for m in micro]
-        n_micro = len(micro)
-        units = [float(batch.seqs.mask[m].sum()) if token_mean else float(len(m)) for m in micro]
-        if algo.loss_agg_mode == REFERENCE_TOKEN_MEAN:
-            # sequences of the micro-batch / of this rank's mini-batch; DDP's average over
-            # ranks is the reference's
-            scales = [len(m) / len(rows) * n_micro for m in micro]
-        else:
-            total = torch.tensor([sum(units)], dtype=torch.float64)
-            dist.all_reduce(total, group=dp_group)
-            scales = [u / max(float(total.item()), 1.0) * n_micro * dp for u in units]
+    micro = [[rows[i] for i in m] for m in _micro_batches(batch.seqs.lengths[rows], algo, groups.dp)]
+    units, scales = _scales(batch, rows, micro, algo, groups)
 
-        thresholds = None
-        if algo.loss == "lp_reg" and algo.selection_scope == "global":
-            thresholds = global_thresholds(
-                [batch.old_logprob[m] for m in micro], [batch.advantages[m] for m in micro],
-                [batch.seqs.mask[m] for m in micro],
-                neg_percent=algo.neg_percent, pos_percent=algo.pos_percent, group=dp_group,
-            )
+    thresholds = None
+    if spec.needs_proxy and algo.selection_scope == "global":
+        thresholds = global_thresholds(
+            [batch.old_logprob[m] for m in micro], [batch.advantages[m] for m in micro],
+            [batch.seqs.mask[m] for m in micro],
+            neg_percent=algo.neg_percent, pos_percent=algo.pos_percent, group=groups.dp,
+        )
+    separable = spec.separable(algo)
 
-        separable = token_separable(algo.loss, global_selection=thresholds is not None)
+    def on_logits(mb: MicroBatch, logits: torch.Tensor):
+        x: LossInputs = mb.extra["inputs"].cut(logits.shape[1], logits.device)
+        mask = x.mask
+        if algo.entropy_control == "80_20":
+            mask = high_entropy_mask(x.old_entropy, mask, top_fraction=algo.high_entropy_fraction)
+        extra = {"proxy_log_prob": x.proxy_logprob, "thresholds": thresholds} if spec.needs_proxy else {}
 
-        def on_logits(mb: MicroBatch, logits: torch.Tensor, thresholds=thresholds, separable=separable):
-            e = mb.extra
-            w = logits.shape[1]
-            cut = lambda t: t[:, :w].to(logits.device)  # noqa: E731
-            mask = cut(e["mask"])
-            if algo.high_entropy_fraction < 1.0:
-                mask = high_entropy_mask(cut(e["old_entropy"]), mask, top_fraction=algo.high_entropy_fraction)
-            extra_kw = dict(kwargs)
-            if algo.loss == "lp_reg":
-                extra_kw["proxy_log_prob"] = cut(e["proxy_logprob"])
-                if thresholds is not None:
-                    extra_kw["thresholds"] = thresholds
-            old_logprob, advantages = cut(e["old_logprob"]), cut(e["advantages"])
-            scale = e["scale"]
+        def loss_of(logprob, entropy):
+            loss, metrics = spec.fn(log_prob=logprob, old_log_prob=x.old_logprob, advantages=x.advantages,
+                                    response_mask=mask, rollout_log_prob=x.rollout_logprob, entropy=entropy,
+                                    **options, **extra)
+            added = entropy_term(algo, entropy, x, mask, aer_alpha)
+            if added is not None:
+                loss = loss + added
+            return loss * x.scale, dict(metrics, loss=float(loss.detach()))
 
-            def loss_of(logprob, entropy):
-                loss, metrics = loss_fn(log_prob=logprob, old_log_prob=old_logprob, advantages=advantages,
-                                        response_mask=mask, entropy=entropy, **extra_kw)
-                if algo.entropy_coef > 0:
-                    loss = entropy_bonus(loss, entropy, mask, coef=algo.entropy_coef,
-                                         loss_agg_mode=_in_micro_batch_mode(algo))
-                return loss * scale, dict(metrics, loss=float(loss.detach()))
+        loss, metrics = head.loss(logits, x.targets, loss_of, temperature=temperature, separable=separable,
+                                  old_logprob=x.old_logprob, old_entropy=x.old_entropy)
+        return loss, dict(metrics, units=x.units)
 
-            loss, metrics = head.loss(logits, e["targets"].to(logits.device), loss_of, temperature=temperature,
-                                      separable=separable, placeholder_logprob=old_logprob,
-                                      placeholder_entropy=cut(e["old_entropy"]))
-            return loss, dict(metrics, units=e["units"])
-
-        mbs = []
-        for m, u, scale in zip(micro, units, scales, strict=True):
-            sub = batch.seqs.rows(m)
-            extra = {"targets": sub.targets, "mask": sub.mask, "units": u, "scale": scale}
-            for k in ("advantages", "old_logprob", "old_entropy", "proxy_logprob"):
-                extra[k] = getattr(batch, k)[m]
-            mbs.append(MicroBatch(sub.tokens.to(device), extra))
-
+    mbs = [MicroBatch(batch.seqs.rows(m).tokens.to(device), {"inputs": LossInputs.of_rows(batch, m, u, s)})
+           for m, u, s in zip(micro, units, scales, strict=True)]
+    _zero_grads(model, optimizer)
+    record = _reduce_over_dp(_merge(run_micro_batches(model, mbs, on_logits, forward_only=False)), groups)
+    if _all_finite(model, not math.isfinite(record.get("loss", 0.0)), groups.world):
+        ok, grad_norm, _ = optimizer.step()
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        record["skipped"] = 0 if ok else 1
+    else:
+        record.update(grad_norm=float("nan"), skipped=1, skip_reason="non-finite loss or gradients")
         _zero_grads(model, optimizer)
-        infos = run_micro_batches(model, mbs, on_logits, forward_only=False)
-        record = _merge(infos)
-        finite = _all_finite(model, not math.isfinite(record.get("loss", 0.0)))
-        if finite:
-            ok, grad_norm, _ = optimizer.step()
-            record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-            record["skipped"] = 0 if ok else 1
-        else:
-            record["grad_norm"] = float("nan")
-            record["skipped"] = 1
-            record["skip_reason"] = "non-finite loss or gradients"
-            _zero_grads(model, optimizer)
-        out.append(record)
-    return out
+    return record
 
 
 def _zero_grads(model, optimizer) -> None:
@@ -196,11 +209,27 @@ def _merge(infos: list[dict]) -> dict:
     total = sum(i["units"] for i in infos) or 1.0
     out: dict = {}
     for key in infos[0]:
-        if key == "units":
-            continue
         vals = [i[key] for i in infos if key in i]
-        if key.endswith("_tokens"):
+        if key.endswith("_tokens") or key == "units":
             out[key] = sum(vals)
         else:
             out[key] = sum(v * i["units"] for v, i in zip(vals, infos, strict=False)) / total
+    return out
+
+
+def _reduce_over_dp(record: dict, groups) -> dict:
+    """This rank's record -> the DP group's: counts summed, the rest weighted by units.
+    Ranks without metrics (earlier pipeline stages) have an empty record, as do their
+    whole DP group."""
+    if not record or groups.dp_size == 1:
+        record.pop("units", None)
+        return record
+    keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)))
+    u = record["units"]
+    t = torch.tensor([record[k] if k.endswith("_tokens") or k == "units" else record[k] * u for k in keys],
+                     dtype=torch.float64)
+    dist.all_reduce(t, group=groups.dp)
+    total = t[keys.index("units")].item() or 1.0
+    out = {k: (v if k.endswith("_tokens") else v / total) for k, v in zip(keys, t.tolist(), strict=True)
+           if k != "units"}
     return out

@@ -16,12 +16,12 @@ from megatron_lpreg.config import RunConfig
 from megatron_lpreg.data.prompts import get_path
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
 from megatron_lpreg.trainer.batching import pack_sequences
-from megatron_lpreg.trainer.setup import make_optimizer
+from megatron_lpreg.trainer.optim import make_optimizer
 
 
-def warm_start(model, cfg: RunConfig, examples, tokenizer, head) -> list[float]:
-    from megatron.core import parallel_state as ps
-
+def warm_start(model, cfg: RunConfig, examples, tokenizer, head, groups) -> list[float]:
+    """Supervised steps on the examples' reference solutions (``warm_start.*``); every rank
+    calls it, ``groups`` (:class:`megatron_lpreg.job.Groups`) splitting the batch over DP."""
     ws = cfg.warm_start
     optimizer = make_optimizer(model, cfg.optim, lr=ws.lr)
     for g in optimizer.param_groups:
@@ -32,7 +32,7 @@ def warm_start(model, cfg: RunConfig, examples, tokenizer, head) -> list[float]:
             for e in examples]
     gen = torch.Generator().manual_seed(cfg.train.seed + 7)
     device = next(model.parameters()).device
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = groups.dp_size, groups.dp_rank
     losses = []
     for step in range(ws.steps):
         idx = torch.randint(len(examples), (ws.batch_size,), generator=gen).tolist()[dp_rank::dp]
@@ -46,8 +46,7 @@ def warm_start(model, cfg: RunConfig, examples, tokenizer, head) -> list[float]:
                 return loss, {"loss": float(loss.detach())}
 
             return head.loss(logits, seqs.targets.to(logits.device), loss_of, temperature=1.0, separable=True,
-                             placeholder_logprob=torch.zeros(m.shape, device=logits.device),
-                             placeholder_entropy=None, with_entropy=False)
+                             with_entropy=False)
 
         model.zero_grad_buffer()
         optimizer.zero_grad()

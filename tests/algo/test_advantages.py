@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_lpreg.algo.advantages import grpo_advantages
-from megatron_lpreg.algo.shaping import informative_groups, overlong_penalty
+from megatron_lpreg.algo.shaping import overlong_penalty
 
 
 def _transcribe(scores, groups, norm_by_std, eps=1e-6):
@@ -47,9 +47,10 @@ def test_shape_errors_are_named():
 
 
 def test_informative_groups_drop_all_equal_groups():
-    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5])
-    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3])
-    assert informative_groups(scores, groups).tolist() == [False, False, True, True, False, False, False]
+    from megatron_lpreg.algo.dynamic_sampling import Group
+
+    groups = [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.5]]  # scores of each group's responses
+    assert [Group(g).informative for g in groups] == [False, True, False, False]
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():

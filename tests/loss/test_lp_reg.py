@@ -1,4 +1,5 @@
-"""lp_reg_loss against a token-by-token transcription of LPREG.md section 2."""
+"""lp_reg_loss against a token-by-token transcription of the reference's semantics
+(docs/reference_semantics.md, "Lp-Reg, per token")."""
 
 from __future__ import annotations
 
@@ -178,13 +179,13 @@ def test_global_selection_dp2_equals_single_process_over_the_concatenation():
 
 
 def test_tis_weights_scale_each_token_and_registry_names():
-    from megatron_lpreg.loss.registry import get_policy_loss
+    from megatron_lpreg.loss.registry import loss_spec
 
     lp, old, px, adv, mask = _batch(seed=6)
     roll = old - 0.7  # exp(0.7) = 2.01 > cap: every weight is the cap
     plain, _ = lp_reg_loss(lp, old, px, adv, mask, neg_percent=0.1)
     weighted, _ = lp_reg_loss(lp, old, px, adv, mask, neg_percent=0.1, rollout_log_prob=roll, tis_cap=1.5)
     torch.testing.assert_close(weighted, 1.5 * plain)
-    assert get_policy_loss("lp_reg") is lp_reg_loss
+    assert loss_spec("lp_reg").fn is lp_reg_loss and loss_spec("lp_reg").needs_proxy
     with pytest.raises(ValueError, match="registered"):
-        get_policy_loss("nope")
+        loss_spec("nope")

@@ -58,7 +58,7 @@ def test_bad_settings_are_refused():
 
 
 def test_every_registered_loss_reports_entropy_when_given():
-    from megatron_lpreg.loss.registry import POLICY_LOSSES
+    from megatron_lpreg.loss.registry import LOSSES
 
     g = torch.Generator().manual_seed(1)
     lp = -torch.rand(3, 8, generator=g, dtype=torch.float64)
@@ -67,7 +67,7 @@ def test_every_registered_loss_reports_entropy_when_given():
     mask[0, 4:] = 0
     ent = torch.rand(3, 8, generator=g, dtype=torch.float64)
     want = float((ent * mask).sum() / mask.sum())
-    for name, fn in POLICY_LOSSES.items():
+    for name, fn in ((n, spec.fn) for n, spec in LOSSES.items()):
         extra = {"proxy_log_prob": lp + 0.1} if name == "lp_reg" else {}
         args = (lp, lp.detach() - 0.01, *extra.values(), adv, mask)
         _, m = fn(*args, entropy=ent)

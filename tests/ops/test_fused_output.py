@@ -207,8 +207,9 @@ def test_losses_called_token_separable_are(agg):
     """Every loss the registry calls token-separable passes the exactness check even with
     placeholders far below the real log-probs (the check would catch any coupling the
     values expose), and its loss equals the unfused one."""
+    from megatron_lpreg.config import AlgoConfig
     from megatron_lpreg.loss.entropy_control import entropy_bonus
-    from megatron_lpreg.loss.registry import POLICY_LOSSES, get_policy_loss, token_separable
+    from megatron_lpreg.loss.registry import LOSSES
     from megatron_lpreg.ops.fused_output import fused_logprob_loss
     from megatron_lpreg.ops.vocab_parallel import vocab_parallel_logprob
 
@@ -217,14 +218,15 @@ def test_losses_called_token_separable_are(agg):
     old, proxy, adv, mask, thr = _loss_inputs()
     lp, ent = vocab_parallel_logprob(hidden @ weight.t(), target, vocab_size=VOCAB, with_entropy=True)
     checked = 0
-    for name in POLICY_LOSSES:
-        if not token_separable(name, global_selection=True):
+    global_scope = AlgoConfig(selection_scope="global")
+    for name, spec in LOSSES.items():
+        if not spec.separable(global_scope):
             continue
         extra = dict(proxy_log_prob=lp.detach() + 1, thresholds=(thr, None)) if name == "lp_reg" else {}
 
         def loss_of(lp_, ent_, name=name, extra=extra):
-            loss, _ = get_policy_loss(name)(lp_, old, advantages=adv, response_mask=mask, loss_agg_mode=agg,
-                                            entropy=ent_, **extra)
+            loss, _ = LOSSES[name].fn(lp_, old, advantages=adv, response_mask=mask, loss_agg_mode=agg,
+                                      entropy=ent_, **extra)
             return entropy_bonus(loss, ent_, mask, coef=0.05, loss_agg_mode=agg), {}
 
         loss, *_ = fused_logprob_loss(hidden, weight, target, loss_of, placeholder_logprob=old - 100,
@@ -233,5 +235,6 @@ def test_losses_called_token_separable_are(agg):
         torch.testing.assert_close(loss, loss_of(lp, ent)[0].detach(), rtol=1e-5, atol=1e-6)
         checked += 1
     assert checked == 3  # grpo, ppo, lp_reg
-    assert not token_separable("lp_reg", global_selection=False)
-    assert not any(token_separable(n, global_selection=True) for n in ("gspo", "kl_cov", "clip_cov"))
+    for scope in ("micro_batch", "reference"):
+        assert not LOSSES["lp_reg"].separable(AlgoConfig(selection_scope=scope))
+    assert not any(LOSSES[n].separable(global_scope) for n in ("gspo", "kl_cov", "clip_cov"))

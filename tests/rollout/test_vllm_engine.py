@@ -54,8 +54,8 @@ def _rank(model_dir):
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.model.builder import build_gpt, load_hf_weights
-    from megatron_lpreg.model.convert import HFShards
     from megatron_lpreg.model.hf_config import load_spec
+    from megatron_lpreg.model.hf_shards import HFShards
     from megatron_lpreg.rollout.engine import SamplingConfig, StaleWeights
     from megatron_lpreg.rollout.torch_engine import TorchEngine
     from megatron_lpreg.rollout.vllm_engine import VLLMEngine

@@ -18,10 +18,12 @@ def _rank(cfg_dict, state):
     from megatron.core import parallel_state as ps
 
     from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.job import Groups
     from megatron_lpreg.trainer.batching import token_budget_micro_batches
     from megatron_lpreg.trainer.head import OutputHead
     from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
-    from megatron_lpreg.trainer.setup import make_optimizer, wrap_ddp
+    from megatron_lpreg.trainer.optim import make_optimizer
+    from megatron_lpreg.trainer.parallelize import wrap_ddp
     from megatron_lpreg.trainer.update import policy_update
 
     spec, gpt = _megatron_from_hf(cfg_dict, state)
@@ -34,11 +36,12 @@ def _rank(cfg_dict, state):
     micro = token_budget_micro_batches(batch.seqs.lengths, cfg.algo.micro_token_budget)
     assert len({(len(m), int(batch.seqs.lengths[m].max())) for m in micro}) > 1
     st = sequence_stats(model, batch.seqs, micro, head, StatsConfig(proxy_threshold=0.1))
-    rec = policy_update(model, opt, batch, cfg.algo, head=head, temperature=1.0, mini_batch_rows=[list(range(10))])
+    rec = policy_update(model, opt, batch, list(range(10)), cfg.algo, head=head, groups=Groups.from_parallel_state(),
+                        temperature=1.0)
     if st is None:
         return None
     mask = batch.seqs.mask > 0
-    return {"logprob": st["logprob"][mask], "proxy": st["proxy_logprob"][mask], "grad_norm": rec[0]["grad_norm"]}
+    return {"logprob": st["logprob"][mask], "proxy": st["proxy_logprob"][mask], "grad_norm": rec["grad_norm"]}
 
 
 @pytest.fixture(scope="module")

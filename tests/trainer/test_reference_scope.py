@@ -184,11 +184,13 @@ def _rank():
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.job import Groups
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.hf_config import spec_from_hf_config
     from megatron_lpreg.trainer.batching import data_parallel_rows, mini_batch_positions
     from megatron_lpreg.trainer.head import OutputHead
-    from megatron_lpreg.trainer.setup import make_optimizer, wrap_ddp
+    from megatron_lpreg.trainer.optim import make_optimizer
+    from megatron_lpreg.trainer.parallelize import wrap_ddp
     from megatron_lpreg.trainer.update import UpdateBatch, policy_update
 
     torch.manual_seed(0)
@@ -209,7 +211,8 @@ def _rank():
     batch = UpdateBatch(seqs.rows(mine), adv[mine], old[mine], torch.zeros_like(old[mine]), proxy[mine], old[mine])
     worst, records = 0.0, []
     for m, pos in enumerate(mini_batch_positions(len(mine), N_MINI, reference=True)):
-        records += policy_update(model, opt, batch, cfg.algo, head=head, temperature=1.0, mini_batch_rows=[pos])
+        records.append(policy_update(model, opt, batch, pos, cfg.algo, head=head, groups=Groups.from_parallel_state(),
+                                      temperature=1.0))
         for name, p in gpt.named_parameters():
             scale = want[m][name].abs().max().item() + 1e-12
             worst = max(worst, (p.main_grad - want[m][name]).abs().max().item() / scale)

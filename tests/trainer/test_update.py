@@ -28,10 +28,12 @@ def _rank(overrides=None, fused=False, tied=False, loss="lp_reg"):
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.job import Groups
     from megatron_lpreg.model.builder import build_gpt
     from megatron_lpreg.model.hf_config import spec_from_hf_config
     from megatron_lpreg.trainer.head import OutputHead
-    from megatron_lpreg.trainer.setup import make_optimizer, wrap_ddp
+    from megatron_lpreg.trainer.optim import make_optimizer
+    from megatron_lpreg.trainer.parallelize import wrap_ddp
     from megatron_lpreg.trainer.update import policy_update
 
     torch.manual_seed(0)
@@ -46,13 +48,13 @@ def _rank(overrides=None, fused=False, tied=False, loss="lp_reg"):
     model = wrap_ddp(gpt, cfg)
     opt = make_optimizer(model, cfg.optim)
     batch = _batch()
-    rows = [list(range(12))]
+    rows = list(range(12))
+    groups = Groups.from_parallel_state()
     out = {}
     for name, budget in (("one_micro", 10_000), ("many_micro", 16)):
         cfg.algo.micro_token_budget = budget
         snapshot = [p.detach().clone() for p in model.parameters()]
-        rec = policy_update(model, opt, batch, cfg.algo, head=head, temperature=1.0,
-                            mini_batch_rows=rows)[0]
+        rec = policy_update(model, opt, batch, rows, cfg.algo, head=head, groups=groups, temperature=1.0)
         out[name] = rec.get("grad_norm")
         with torch.no_grad():  # undo, so both packings see the same weights
             for p, s in zip(model.parameters(), snapshot, strict=True):
@@ -60,12 +62,10 @@ def _rank(overrides=None, fused=False, tied=False, loss="lp_reg"):
     before = [p.detach().clone() for p in model.parameters()]
     bad = _batch()
     bad.advantages[0, :] = float("nan")
-    rec = policy_update(model, opt, bad, cfg.algo, head=head, temperature=1.0,
-                        mini_batch_rows=rows)[0]
+    rec = policy_update(model, opt, bad, rows, cfg.algo, head=head, groups=groups, temperature=1.0)
     out["nan_skipped"] = rec["skipped"]
     out["nan_unchanged"] = all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
-    rec = policy_update(model, opt, _batch(seed=1), cfg.algo, head=head, temperature=1.0,
-                        mini_batch_rows=rows)[0]
+    rec = policy_update(model, opt, _batch(seed=1), rows, cfg.algo, head=head, groups=groups, temperature=1.0)
     out["after_skipped"] = rec["skipped"]
     out["after_changed"] = not all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     return out
@@ -78,7 +78,7 @@ def _first_with_loss(res):
 def test_full_recompute_gives_the_same_gradient():
     from megatron_lpreg.config import ParallelConfig
     from megatron_lpreg.model.builder import te_available
-    from megatron_lpreg.trainer.setup import model_overrides
+    from megatron_lpreg.trainer.parallelize import model_overrides
 
     plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), timeout=300))
     if not te_available():

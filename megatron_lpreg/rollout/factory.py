@@ -1,0 +1,22 @@
+"""The configured rollout engine: vLLM in the job's own ranks, or the Torch engine."""
+
+from __future__ import annotations
+
+from megatron_lpreg.config import RunConfig
+
+
+def make_engine(cfg: RunConfig, model, spec, head=None):
+    """The configured rollout engine; vLLM joins this job's ranks (see VLLMEngine)."""
+    if cfg.rollout.engine == "torch":
+        from megatron_lpreg.rollout.torch_engine import TorchEngine
+
+        return TorchEngine(model, spec.vocab_size, head=head)
+    from megatron_lpreg.rollout.vllm_engine import VLLMEngine, vllm_available
+
+    if not vllm_available():
+        raise RuntimeError("rollout.engine=vllm but vllm is not installed (run `make setup`, "
+                           "or set rollout.engine=torch)")
+    dtype = {"float32": "float32", "bfloat16": "bfloat16"}[cfg.model.params_dtype]
+    return VLLMEngine(cfg.model.hf_dir, tensor_parallel_size=cfg.parallel.tp, dtype=dtype,
+                      seed=cfg.train.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                      cpu_plain_weights=cfg.rollout.cpu_plain_weights)
