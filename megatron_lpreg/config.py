@@ -9,6 +9,7 @@ run the default). The resolved config is written next to every run's outputs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -95,6 +96,7 @@ class AlgoConfig:
     aer_target_ratio: float = 0.8
     aer_alpha_rule: str = "clipped_integral"  # alpha <- clip(alpha + aer_lr (H* - H), 0, aer_alpha_max)
     aer_lr: float = 0.01
+    aer_alpha_init: float = 0.0
     aer_alpha_max: float = 0.05
     aer_allocation: str = "difficulty"     # difficulty (1 - group accuracy, mean 1) | uniform
     # truncated importance sampling: weight min(pi_old / pi_rollout, cap); null: off
@@ -205,6 +207,27 @@ class ConfigError(ValueError):
     pass
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML without YAML 1.1's digit separators: ``80_20`` stays the string it looks like
+    (``algo.entropy_control=80_20``), not the integer 8020."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"),
+                                    list("-+0123456789"))
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 SELECTION_SCOPES = ("global", "micro_batch", "reference")
 ENTROPY_CONTROLS = ("none", "bonus", "80_20", "aer")
 
@@ -273,7 +296,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _yaml(raw) if raw.strip() else ""
     out: dict = {}
     cur = out
     parts = key.strip().split(".")
@@ -287,7 +310,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = RunConfig()
     if path is not None:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _yaml(f.read()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         _apply(cfg, data)

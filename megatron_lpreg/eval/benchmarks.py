@@ -43,7 +43,7 @@ BENCHMARKS = {
 # the paper's table: its five columns and their average
 PAPER_BENCHMARKS = ("aime24", "aime25", "math500", "minerva", "olympiadbench")
 
-# The paper's table (shared/design/LPREG.md section 3): five-benchmark averages.
+# The Lp-Reg paper's main table (arXiv 2510.03222): five-benchmark averages.
 PAPER_AVERAGES = {
     "Qwen3-14B on-policy": {"GRPO": 57.43, "GRPO+entropy": 50.40, "80/20": 57.51, "Lp-Reg": 60.17},
     "Qwen3-14B off-policy": {"GRPO": 51.13, "GSPO": 55.05, "Clip-Higher": 56.16, "KL-Cov": 57.29,

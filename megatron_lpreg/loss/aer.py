@@ -77,6 +77,8 @@ class AERController:
             raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
         if self.lr < 0 or self.alpha_max < 0:
             raise ValueError("lr and alpha_max must be >= 0")
+        if not 0.0 <= self.alpha <= self.alpha_max:
+            raise ValueError(f"the initial alpha={self.alpha} must be in [0, alpha_max={self.alpha_max}]")
         _pick(TARGETS, self.target_rule, "aer_target")
         _pick(ALPHA_RULES, self.alpha_rule, "aer_alpha_rule")
         _pick(ALLOCATIONS, self.allocation, "aer_allocation")
@@ -84,7 +86,8 @@ class AERController:
     @classmethod
     def from_config(cls, algo) -> AERController:
         """From a run's ``algo`` section (:class:`megatron_lpreg.config.AlgoConfig`)."""
-        return cls(target_ratio=algo.aer_target_ratio, lr=algo.aer_lr, alpha_max=algo.aer_alpha_max,
+        return cls(target_ratio=algo.aer_target_ratio, lr=algo.aer_lr, alpha=algo.aer_alpha_init,
+                   alpha_max=algo.aer_alpha_max,
                    target_rule=algo.aer_target, alpha_rule=algo.aer_alpha_rule, allocation=algo.aer_allocation)
 
     @property

@@ -1,4 +1,4 @@
-"""Lp-Reg policy loss, reference-exact (``shared/design/LPREG.md`` section 2).
+"""Lp-Reg policy loss, reference-exact (``docs/reference_semantics.md``, "Lp-Reg, per token").
 
 Per token, with ``r = exp(log pi - log pi_old)``::
 
@@ -16,8 +16,10 @@ with the reference's estimators (each clamped to [-10, 10]):
 ``log pi - log pi_proxy``, ``abs`` ``|log pi - log pi_proxy|``, ``mse``
 ``0.5 (log pi - log pi_proxy)^2``.
 
-Selection scope. ``micro_batch`` (the reference): the rho% are counted within the
-tensors given, so the result depends on how batches are cut. ``global``: the rho%
+Selection scope. Without ``thresholds`` (the trainer's ``micro_batch`` and
+``reference`` scopes; the reference's behaviour) the rho% are counted within the
+tensors given, so the result depends on how batches are cut
+(``trainer/reference_batching.py`` cuts them as the reference does). ``global``: the rho%
 of the whole mini-batch, over every micro-batch and data-parallel rank —
 :func:`global_thresholds` turns the mini-batch's log-probs into one threshold per
 sign (collectives on counts only, :mod:`megatron_lpreg.ops.global_select`) and

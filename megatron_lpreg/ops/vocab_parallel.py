@@ -1,6 +1,6 @@
 """Per-token log-prob, entropy and Lp-Reg proxy log-prob over a vocab-parallel logits shard.
 
-Math: ``shared/design/LPREG.md`` sections 1 and 4. Rank ``r`` of a tensor-parallel
+The math is below; the proxy's role in Lp-Reg: ``docs/reference_semantics.md``. Rank ``r`` of a tensor-parallel
 group of size ``tp`` holds the logits columns ``[r * V/tp, (r + 1) * V/tp)`` of the
 (padded) vocabulary, megatron-core's convention. Every quantity is assembled from
 per-shard partial sums joined by all-reduces; no rank ever holds a full vocabulary

@@ -4,7 +4,7 @@ Layout of ``<out_dir>/checkpoints``::
 
     step_000010/           a complete checkpoint (renamed into place when done)
         dist/              megatron-core distributed checkpoint: model + optimiser
-        trainer_state.json step, policy version, data order, bad-step count
+        trainer_state.json step, policy version, data order, bad-step count, AER state
         rng_rank<r>.pt     this rank's RNG states (tensors and ints only)
     step_000012.partial/   a write in progress (or a killed one): never loaded
 

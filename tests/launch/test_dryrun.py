@@ -65,3 +65,14 @@ def test_cli_dryrun_prints_the_script():
     out = subprocess.run([sys.executable, "-m", "launch", "tiny_cpu", "--dryrun", "--plain", "train.steps=3"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "#SBATCH --nodes=1" in out.stdout and out.stdout.strip().endswith("train.steps=3")
+
+
+def test_baseline_methods_and_recipes_at_paper_scale():
+    s = _script("qwen3_14b_lpreg_onpolicy", "--method", "dapo")
+    # the tiny comparison's overrides, then the paper-scale overlong buffer (the later one wins)
+    assert s.strip().endswith("rollout.dynamic_sampling=true reward.overlong_buffer_tokens=2 "
+                              "reward.overlong_buffer_tokens=1024")
+    assert _script("tiny_cpu", "--method", "dapo").strip().endswith("reward.overlong_buffer_tokens=2")
+    assert "algo.entropy_control=aer" in _script("qwen3_14b_lpreg_onpolicy", "--method", "aer")
+    for recipe in ("qwen3_14b_dapo", "qwen3_14b_aer", "qwen25_32b_lpreg_offpolicy"):
+        assert f"examples/{recipe}.yaml" in _script(recipe)

@@ -27,10 +27,34 @@ def test_example_config_loads_with_typed_overrides():
     ("algo.loss=nope", "is not one of"),
     ("algo=3", "is a section"),
     ("train.steps", "not key=value"),
+    ("algo.entropy_coef=0.01", "only acts with algo.entropy_control=bonus"),
+    ("algo.entropy_control=bonuss", "algo.entropy_control='bonuss' is not one of"),
+    ("algo.tis_cap=0", "must be > 0"),
+    ("algo.selection_scope=everywhere", "is not one of"),
+    ("algo.loss_agg_mode=token-sum", "is not one of"),
+    ("reward.overlong_buffer_tokens=9", "must be in"),
+    ("rollout.max_sampling_rounds=0", "must be >= 1"),
 ])
 def test_bad_config_is_an_error(override, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(CONFIG, [override])
+
+
+def test_values_that_look_like_yaml11_numbers_stay_strings(tmp_path):
+    cfg = load_config(CONFIG, ["algo.entropy_control=80_20", "train.steps=1_000", "optim.lr=1e-6"])
+    assert (cfg.algo.entropy_control, cfg.train.steps, cfg.optim.lr) == ("80_20", 1000, 1e-6)
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  entropy_control: 80_20\n")
+    assert load_config(path).algo.entropy_control == "80_20"
+
+
+def test_aer_pieces_are_checked_by_name():
+    cfg = load_config(CONFIG, ["algo.entropy_control=aer", "algo.aer_allocation=uniform"])
+    assert cfg.algo.aer_allocation == "uniform"
+    with pytest.raises(ConfigError, match="aer_allocation='hardness' is not one of"):
+        load_config(CONFIG, ["algo.entropy_control=aer", "algo.aer_allocation=hardness"])
+    with pytest.raises(ConfigError, match="target_ratio"):
+        load_config(CONFIG, ["algo.entropy_control=aer", "algo.aer_target_ratio=1.5"])
 
 
 def test_parse_override_nests():

@@ -1,5 +1,6 @@
 """SIGKILL mid-run, resume: the run ends bit-identical (weights and logged metrics)
-to an uninterrupted one."""
+to an uninterrupted one, for the default Lp-Reg run and for a run with AER, DAPO's
+dynamic sampling and overlong penalty, and TIS."""
 
 from __future__ import annotations
 
@@ -26,12 +27,24 @@ pytest.importorskip("vllm")
 STEPS, KILL_AFTER = 4, 2
 
 
-def test_kill_and_resume_is_exact(tmp_path):
+# the default Lp-Reg run, and one with every piece of state beyond the weights: AER's
+# controller, DAPO's refill (the data order moves by every prompt drawn), the overlong
+# penalty and truncated importance sampling
+METHODS = {
+    "lp_reg": [],
+    "aer_dapo_tis": ["algo.loss=grpo", "algo.entropy_control=aer", "algo.aer_alpha_init=0.01", "algo.tis_cap=2.0",
+                     "rollout.dynamic_sampling=true", "reward.overlong_buffer_tokens=2"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_kill_and_resume_is_exact(tmp_path, method):
     task = write_task(tmp_path / "task", train_rows=300)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_training(straight, task, f"train.steps={STEPS}")
+    extra = [f"train.steps={STEPS}", *METHODS[method]]
+    run_training(straight, task, *extra)
 
-    proc = subprocess.Popen(train_cmd(killed, task, f"train.steps={STEPS}"), cwd=ROOT,
+    proc = subprocess.Popen(train_cmd(killed, task, *extra), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "checkpoints" / f"step_{KILL_AFTER:06d}"
     deadline = time.monotonic() + 600
@@ -42,7 +55,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     proc.wait()
     assert not (killed / "checkpoints" / f"step_{STEPS:06d}").exists()
 
-    run_training(killed, task, f"train.steps={STEPS}")
+    run_training(killed, task, *extra)
 
     a, b = metrics(straight), metrics(killed)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))  # no duplicate or missing records
@@ -51,3 +64,8 @@ def test_kill_and_resume_is_exact(tmp_path):
     wb = checkpoint_tensors(killed / "checkpoints" / f"step_{STEPS:06d}", task / "model")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[n], wb[n]) for n in wa), [n for n in wa if not torch.equal(wa[n], wb[n])]
+    if method == "aer_dapo_tis":  # the pieces ran, and their state moved
+        # the coefficient is non-zero at the kill point and moves every step (entropy above the target)
+        assert all(r["aer/target_entropy"] > 0 and r["aer/alpha"] > 0 for r in a)
+        assert len({r["aer/next_alpha"] for r in a}) == STEPS
+        assert all(r["rollout/prompts_drawn"] >= 8 for r in a) and "reward/overlong_penalty_mean" in a[0]

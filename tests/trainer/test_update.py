@@ -109,3 +109,75 @@ def test_update_packing_and_nan_skip():
     assert math.isclose(r["one_micro"], r["many_micro"], rel_tol=1e-5), (r["one_micro"], r["many_micro"])
     assert r["nan_skipped"] == 1 and r["nan_unchanged"]
     assert r["after_skipped"] == 0 and r["after_changed"]
+
+
+def _grads_under_controls(fused):
+    """TP=1: the flattened gradient of one update under each loss setting (lr 0, no clipping)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.job import Groups
+    from megatron_lpreg.model.builder import build_gpt
+    from megatron_lpreg.model.hf_config import spec_from_hf_config
+    from megatron_lpreg.trainer.head import OutputHead
+    from megatron_lpreg.trainer.optim import make_optimizer
+    from megatron_lpreg.trainer.parallelize import wrap_ddp
+    from megatron_lpreg.trainer.update import policy_update
+
+    torch.manual_seed(0)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    spec = spec_from_hf_config(CONFIG)
+    cfg = RunConfig()
+    cfg.optim.lr, cfg.optim.grad_clip = 0.0, 0.0
+    gpt = build_gpt(spec)
+    head = OutputHead(gpt, fused=fused, vocab_size=spec.vocab_size, tp_group=ps.get_tensor_model_parallel_group(),
+                      chunk_tokens=7)
+    model = wrap_ddp(gpt, cfg)
+    opt = make_optimizer(model, cfg.optim)
+    groups = Groups.from_parallel_state()
+    rows = list(range(12))
+
+    def grad(batch, alpha=0.0, **algo):
+        for k, v in {**dict(loss="grpo", entropy_control="none", entropy_coef=0.0, tis_cap=None), **algo}.items():
+            setattr(cfg.algo, k, v)
+        policy_update(model, opt, batch, rows, cfg.algo, head=head, groups=groups, temperature=1.0, aer_alpha=alpha)
+        return torch.cat([p.main_grad.flatten().clone() for p in gpt.parameters()])
+
+    on_policy = _batch()                      # rollout log-probs = old
+    off = _batch()
+    off.rollout_logprob = off.old_logprob - 0.7  # exp(0.7) = 2.01 > cap: every weight is the cap
+    uniform, skewed = _batch(), _batch()
+    uniform.row_weights = torch.ones(12)
+    skewed.row_weights = torch.linspace(0.0, 2.0, 12)
+    return {
+        "grpo": grad(on_policy), "tis_on_policy": grad(on_policy, tis_cap=1.5), "grpo_off": grad(off),
+        "tis_off": grad(off, tis_cap=1.5),
+        "aer_zero": grad(uniform, 0.0, entropy_control="aer"),
+        "aer_uniform": grad(uniform, 0.05, entropy_control="aer"),
+        "bonus": grad(uniform, entropy_control="bonus", entropy_coef=0.05),
+        "aer_skewed": grad(skewed, 0.05, entropy_control="aer"),
+        "kl_cov": grad(on_policy, loss="kl_cov"), "clip_cov": grad(on_policy, loss="clip_cov"),
+    }
+
+
+def test_tis_and_aer_change_the_gradient_as_their_formulas_say():
+    g = run_ranks(_grads_under_controls, Layout(tp=1), False, timeout=300)[0]
+    def close(a, b):  # to 1e-5 of the gradient's scale (its entries near zero carry rounding only)
+        return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+    assert close(g["tis_on_policy"], g["grpo"])            # rollout = old: every weight is 1
+    assert close(g["tis_off"], 1.5 * g["grpo_off"])       # every weight capped at 1.5
+    assert not close(g["tis_off"], g["grpo_off"])
+    assert close(g["aer_zero"], g["grpo"])                 # alpha 0: no term
+    assert close(g["aer_uniform"], g["bonus"])             # uniform weights: the entropy bonus at coef alpha
+    assert not close(g["aer_skewed"], g["aer_uniform"]) and not close(g["aer_uniform"], g["grpo"])
+    for name in ("kl_cov", "clip_cov"):  # reachable through the trainer's update, and not plain GRPO
+        assert bool(torch.isfinite(g[name]).all()) and g[name].abs().max() > 0 and not close(g[name], g["grpo"])
+
+
+def test_aer_through_the_fused_head_matches_unfused():
+    plain = run_ranks(_grads_under_controls, Layout(tp=1), False, timeout=300)[0]
+    fused = run_ranks(_grads_under_controls, Layout(tp=1), True, timeout=300)[0]
+    for key in ("aer_skewed", "tis_off"):
+        torch.testing.assert_close(fused[key], plain[key], rtol=1e-4, atol=1e-7)
