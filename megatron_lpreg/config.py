@@ -183,7 +183,11 @@ class TrainConfig:
     # Checkpoint and exit at the end of the current step when this file appears
     # (or on SIGTERM / SIGUSR1): Slurm pre-termination and requeue (launch/).
     stop_file: str = ""
-    progress: bool = True         # progress bars (rank 0) for rollout and update within a step
+    # progress bars (rank 0) for rollout and update within a step, only on a terminal: under
+    # Slurm (stdout a file) progress is the one summary line per step
+    progress: bool = True
+    # before resuming: full (sizes and checksums against the manifest) | sizes | off
+    verify_checkpoint: str = "full"
 
 
 @dataclass
@@ -324,6 +328,7 @@ def validate(cfg: RunConfig) -> None:
     from megatron_lpreg.data.template import TEMPLATES
     from megatron_lpreg.loss.aggregation import AGG_MODES, REFERENCE_TOKEN_MEAN
     from megatron_lpreg.loss.registry import LOSSES
+    from megatron_lpreg.manifest import VERIFY_MODES
     from megatron_lpreg.reward.extract import ANSWER_FORMATS
 
     a = cfg.algo
@@ -361,6 +366,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.model.params_dtype in ("float32", "bfloat16"), "model.params_dtype must be float32 or bfloat16"),
         (cfg.optim.schedule in ("constant", "cosine"), "optim.schedule must be constant or cosine"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+        (cfg.train.verify_checkpoint in VERIFY_MODES,
+         f"train.verify_checkpoint={cfg.train.verify_checkpoint!r} is not one of {VERIFY_MODES}"),
         (cfg.parallel.recompute in ("none", "full"), "parallel.recompute must be none or full"),
     ]
     for ok, msg in checks:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> None:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+    # a bar only on a terminal: redirected output (Slurm logs) gets no carriage-return lines
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not (enabled and sys.stderr.isatty()),
+                dynamic_ncols=True)
 
 
 class _BackgroundHasher:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from megatron_lpreg.trainer.parallelize import model_overrides, wrap_ddp
 from megatron_lpreg.trainer.reference_batching import uses_reference_batching
 from megatron_lpreg.trainer.run_state import Intervals, RunState, TooManyBadSteps
 from megatron_lpreg.trainer.sampling import StepSamples, sample_step
-from megatron_lpreg.trainer.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_lpreg.trainer.state import load_checkpoint, resumable_checkpoint, save_checkpoint
 from megatron_lpreg.trainer.stop import StopRequest
 from megatron_lpreg.trainer.update import UpdateBatch, policy_update
 from megatron_lpreg.trainer.warm_start import warm_start
@@ -152,7 +153,7 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
     state = RunState(ShuffledOrder(len(examples), cfg.data.shuffle_seed), aer)
 
     model = wrap_ddp(gpt, cfg)
-    ckpt = latest_checkpoint(out)
+    ckpt = resumable_checkpoint(out, cfg.train.verify_checkpoint, log=log)
     if ckpt is None and cfg.warm_start.steps > 0:  # a checkpoint (step 0 included) comes after it
         warm_start(model, cfg, examples, tokenizer, head, groups)
     optimizer = make_optimizer(model, cfg.optim)
@@ -166,7 +167,7 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
         save_checkpoint(out, 0, model, optimizer, state.state_dict(), keep_last=cfg.train.keep_last)
 
     engine = make_engine(cfg, model, spec, head)
-    engine.progress = cfg.train.progress and dist.get_rank() == 0
+    engine.progress = show_progress(cfg)
     pool = None
     if dist.get_rank() == 0:
         from megatron_lpreg.reward.pool import VerifierPool
@@ -236,11 +237,10 @@ def update(t: Trainer, batch: UpdateBatch, step: int, timing: dict) -> tuple[lis
     minis = mini_batch_positions(len(batch.seqs.lengths), cfg.algo.mini_batches,
                                  reference=uses_reference_batching(cfg.algo))
     steps = [rows for _ in range(cfg.algo.ppo_epochs) for rows in minis]
-    show = cfg.train.progress and dist.get_rank() == 0
     with clock(timing, "update"):
         records = [policy_update(t.model, t.optimizer, batch, rows, cfg.algo, head=t.head, groups=t.groups,
                                  temperature=cfg.rollout.temperature, aer_alpha=alpha)
-                   for rows in tqdm(steps, desc="update", leave=False, disable=not show)]
+                   for rows in tqdm(steps, desc="update", leave=False, disable=not show_progress(cfg))]
     return records, lr
 
 
@@ -345,6 +345,11 @@ def clock(timing: dict, name: str):
         yield
     finally:
         timing[f"time/{name}_s"] = timing.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
+
+
+def show_progress(cfg: RunConfig) -> bool:
+    """Progress bars on rank 0, and only on a terminal (a log file gets the step lines)."""
+    return cfg.train.progress and dist.get_rank() == 0 and sys.stdout.isatty()
 
 
 def log(msg: str) -> None:

@@ -1,4 +1,5 @@
-"""Training checkpoints: model, optimiser, RNG states, data position, step, atomically.
+"""Training checkpoints: model, optimiser, RNG states, data position, step, atomically,
+with a manifest that proves them on resume.
 
 Layout of ``<out_dir>/checkpoints``::
 
@@ -6,14 +7,25 @@ Layout of ``<out_dir>/checkpoints``::
         dist/              megatron-core distributed checkpoint: model + optimiser
         trainer_state.json step, policy version, data order, bad-step count, AER state
         rng_rank<r>.pt     this rank's RNG states (tensors and ints only)
-    step_000012.partial/   a write in progress (or a killed one): never loaded
+        manifest.json      every file above with its size and xxh3 checksum, written last
+    step_000012.partial/   a write in progress (or a killed one): never loaded, removed at the next save
+    rejected/step_000011/  a checkpoint that failed verification, moved aside (never deleted)
 
-Every rank writes its shards into ``step_N.partial``; after a barrier rank 0
-writes the trainer state and renames the directory, then prunes all but the
-newest ``keep_last``. A SIGKILL at any moment leaves either the previous
-complete checkpoints or the new one, never a half one that looks complete.
-Loading uses megatron's ``dist_checkpointing.load`` (resharding-capable) and
-``torch.load(weights_only=True)``.
+Every rank writes its shards into ``step_N.partial``; rank 0 writes the trainer
+state; the ranks hash the files (each a share) and rank 0 writes the manifest, renames
+the directory, checks the sizes, and only then prunes all but the newest
+``keep_last``, so the last verified checkpoint is never deleted before the new one
+has verified. A write that fails on any rank (a full disk) stops every rank with one
+message; the partial directory is removed and the previous checkpoints stay. A
+SIGKILL at any moment leaves either the previous complete checkpoints or the new
+one, never a half one that looks complete.
+
+On resume (:func:`resumable_checkpoint`) the newest checkpoint is verified against
+its manifest (``train.verify_checkpoint``: ``full`` checksums, ``sizes``, ``off``); one
+that fails is moved to ``rejected/`` with a line naming the file and the reason, and
+the next newest is tried. Checkpoints written before manifests existed are accepted
+with a warning. Loading uses megatron's ``dist_checkpointing.load``
+(resharding-capable) and ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -28,6 +40,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.manifest import (
+    MANIFEST,
+    ManifestError,
+    check_files,
+    hash_files,
+    list_files,
+    read_manifest,
+    write_manifest,
+)
 from megatron_lpreg.model.forward import unwrap
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -38,14 +59,9 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return None
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-    for _, p in reversed(steps):
-        if (p / "trainer_state.json").exists():
-            return p
-    return None
+    """The newest complete checkpoint, unverified (see :func:`resumable_checkpoint`)."""
+    done = _complete(checkpoint_root(out_dir))
+    return done[-1] if done else None
 
 
 def rng_state() -> dict:
@@ -89,31 +105,94 @@ def _sharded(model, optimizer, is_loading: bool) -> dict:
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
 
 
-def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, *, keep_last: int) -> Path:
-    """Every rank calls this. Returns the final checkpoint path."""
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _on_every_rank(what: str, fn):
+    """Run ``fn`` on every rank; if it raised anywhere, every rank raises one
+    :class:`CheckpointError` naming the rank and the error (no rank is left waiting in a
+    collective). Returns ``fn``'s result."""
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported below, on every rank
+        error = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed on {len(failed)} rank(s): {failed[0]}")
+    return result
+
+
+def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, *, keep_last: int,
+                    manifest: bool = True) -> Path:
+    """Every rank calls this. Returns the final checkpoint path; raises
+    :class:`CheckpointError` on every rank if a write failed anywhere (the previous
+    checkpoints are then untouched). ``manifest=False`` only for measuring its cost."""
     from megatron.core import dist_checkpointing
+
+    from megatron_lpreg.job import broadcast_object
 
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.partial"
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def prepare():
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "dist").mkdir(parents=True)
+
+    def write():
+        dist_checkpointing.save(_sharded(model, optimizer, False), str(tmp / "dist"))
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            with open(tmp / "trainer_state.json", "w") as f:
+                json.dump(trainer_state, f, indent=1)
+
+    try:
+        # each phase ends in a collective that every rank reaches, failed or not
+        _on_every_rank(f"preparing checkpoint step {step}", prepare)
+        _on_every_rank(f"saving checkpoint step {step}", write)
+        if manifest:
+            names = broadcast_object(list_files(tmp) if rank == 0 else None)
+            mine = _on_every_rank(f"hashing checkpoint step {step}", lambda: hash_files(tmp, names[rank::world]))
+            shares: list = [None] * world
+            dist.all_gather_object(shares, mine)
+    except CheckpointError as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for p in _complete(root)]
+        raise CheckpointError(f"{e}; the partial checkpoint was removed, the previous ones are intact: "
+                              f"{kept or 'none'}") from None
+    problems = None
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "dist").mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(_sharded(model, optimizer, False), str(tmp / "dist"))
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        with open(tmp / "trainer_state.json", "w") as f:
-            json.dump(trainer_state, f, indent=1)
+        entries = {}
+        if manifest:
+            for share in shares:
+                entries.update(share)
+            write_manifest(tmp, entries)
         if final.exists():  # a complete checkpoint of the same step (a re-run): replace it
             shutil.rmtree(final)
         tmp.rename(final)
-        _prune(root, keep_last)
-    dist.barrier()
+        problems = check_files(final, entries, checksums=False)
+        if not problems:  # never prune before the new checkpoint has verified
+            _prune(root, keep_last)
+    problems = broadcast_object(problems)
+    if problems:
+        raise CheckpointError(f"checkpoint {final} does not verify right after writing: {problems[0]}")
     return final
+
+
+def _complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    return [p for _, p in steps if (p / "trainer_state.json").exists()]
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -122,6 +201,69 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob("*.partial"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def verify_checkpoint(path: Path, mode: str) -> list[str]:
+    """Every rank calls this: problems of the checkpoint at ``path`` against its manifest
+    (sizes on rank 0; with ``full`` each rank checksums a share of the files). ``[]``:
+    verified. A checkpoint without a manifest (older than manifests) passes."""
+    from megatron_lpreg.job import broadcast_object
+
+    if mode == "off":
+        return []
+    rank, world = dist.get_rank(), dist.get_world_size()
+    entries = None
+    if rank == 0:
+        try:
+            entries = read_manifest(path)
+        except ManifestError as e:
+            entries = str(e)
+    entries = broadcast_object(entries)
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        return [entries]
+    sizes = broadcast_object(check_files(path, entries, checksums=False) if rank == 0 else None)
+    if sizes or mode == "sizes":
+        return sizes
+    names = sorted(entries)[rank::world]
+    found: list = [None] * world
+    dist.all_gather_object(found, check_files(path, {n: entries[n] for n in names}, checksums=True))
+    return [p for share in found for p in share]
+
+
+def resumable_checkpoint(out_dir, mode: str = "full", log=print) -> Path | None:
+    """Every rank calls this. The newest complete checkpoint that verifies (``mode``: see
+    :func:`verify_checkpoint`); each newer one that fails is moved to
+    ``checkpoints/rejected/`` (rank 0) with one line naming the file and the reason.
+    None when there is no checkpoint; :class:`CheckpointError` when none verifies."""
+    from megatron_lpreg.job import broadcast_object
+
+    root = checkpoint_root(out_dir)
+    candidates = broadcast_object([str(p) for p in reversed(_complete(root))] if dist.get_rank() == 0 else None)
+    rejected = []
+    for c in map(Path, candidates):
+        problems = verify_checkpoint(c, mode)
+        if not problems:
+            if dist.get_rank() == 0 and mode != "off" and not (c / MANIFEST).exists():
+                log(f"checkpoint {c.name} has no manifest (written before manifests): loading it unverified")
+            return c
+        rejected.append(f"{c.name}: {problems[0]}")
+        if dist.get_rank() == 0:
+            aside = root / "rejected" / c.name
+            n = 1
+            while aside.exists():
+                aside, n = root / "rejected" / f"{c.name}.{n}", n + 1
+            aside.parent.mkdir(exist_ok=True)
+            c.rename(aside)
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            log(f"checkpoint {c.name} fails verification: {problems[0]}{more}; moved to {aside}, "
+                "trying the previous one")
+        dist.barrier()
+    if candidates:
+        raise CheckpointError(f"no checkpoint in {root} verifies ({'; '.join(rejected)}); they are in "
+                              f"{root / 'rejected'}; restore a good copy there or start with a new train.out_dir")
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
