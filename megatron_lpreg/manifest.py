@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -101,3 +102,25 @@ def verify_dir(root: str | Path, mode: str = "full") -> list[str]:
     if entries is None:
         return [f"{MANIFEST}: missing (written last: the directory is incomplete, or older than manifests)"]
     return check_files(root, entries, checksums=mode == "full")
+
+
+def verify_output(directory: str | Path) -> int:
+    """Check a directory against its manifest: ``ok`` and exit 0, or one line per problem
+    on stderr and exit 1 (no manifest or an unreadable one: exit 2)."""
+    directory = Path(directory)
+    try:
+        entries = read_manifest(directory)
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if entries is None:
+        print(f"error: {directory} has no manifest.json (not written by this version of the tool, or incomplete)",
+              file=sys.stderr)
+        return 2
+    problems = verify_dir(directory, "full")
+    for p in problems:
+        print(f"{directory}: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"ok: {directory}: {len(entries)} files, sizes and checksums as written")
+    return 0

@@ -15,20 +15,30 @@ import json
 import sys
 
 from megatron_lpreg.atomic_dir import OutputExists
+from megatron_lpreg.manifest import verify_output
 from megatron_lpreg.model.convert import DTYPES, ConversionError, hf_to_megatron
 from megatron_lpreg.model.hf_config import UnsupportedConfig
+
+REQUIRED = {"--hf-dir": "hf_dir", "--out": "out"}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
-    ap.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    ap.add_argument("--hf-dir", help="directory with config.json and *.safetensors")
+    ap.add_argument("--out", help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the checkpoint's)")
     ap.add_argument("--check-tp", type=int, help="fail now if this TP size cannot split the model")
     ap.add_argument("--check-pp", type=int, help="fail now if this PP size cannot split the layers")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--verify", metavar="DIR", help="check a directory this tool wrote against its manifest "
+                                                    "(sizes and checksums of every file) and exit")
     args = ap.parse_args(argv)
+    if args.verify:
+        return verify_output(args.verify)
+    missing = [f for f, v in REQUIRED.items() if not getattr(args, v)]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)}")
     try:
         meta = hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype, check_tp=args.check_tp,
                               check_pp=args.check_pp, overwrite=args.overwrite, progress=not args.no_progress)

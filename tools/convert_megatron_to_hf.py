@@ -16,20 +16,30 @@ import json
 import sys
 
 from megatron_lpreg.atomic_dir import OutputExists
+from megatron_lpreg.manifest import verify_output
 from megatron_lpreg.model.convert import DTYPES, ConversionError, megatron_to_hf
 from megatron_lpreg.model.hf_config import UnsupportedConfig
+
+REQUIRED = {"--megatron-dir": "megatron_dir", "--out": "out"}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--megatron-dir", required=True, help="torch_dist checkpoint directory (has .metadata)")
-    ap.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    ap.add_argument("--megatron-dir", help="torch_dist checkpoint directory (has .metadata)")
+    ap.add_argument("--out", help="output directory (must not exist unless --overwrite)")
     ap.add_argument("--hf-config-dir", help="directory with the source config.json and tokenizer files")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the checkpoint's)")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (GiB)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--verify", metavar="DIR", help="check a directory this tool wrote against its manifest "
+                                                    "(sizes and checksums of every file) and exit")
     args = ap.parse_args(argv)
+    if args.verify:
+        return verify_output(args.verify)
+    missing = [f for f, v in REQUIRED.items() if not getattr(args, v)]
+    if missing:
+        ap.error(f"the following arguments are required: {', '.join(missing)}")
     try:
         wm = megatron_to_hf(args.megatron_dir, args.out, hf_config_dir=args.hf_config_dir, dtype=args.dtype,
                             max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_lpreg.atomic_dir import atomic_directory
+from megatron_lpreg.manifest import hash_files, list_files, write_manifest
 from megatron_lpreg.model import checkpoint
 from megatron_lpreg.model.hf_config import ModelSpec, load_spec, spec_from_hf_config
 from megatron_lpreg.model.hf_shards import ConversionError, HFShards
@@ -156,6 +157,7 @@ def hf_to_megatron(
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
         _copy_tokenizer_files(hf_dir, tmp)  # so that the reverse direction can restore them
+        _write_manifest(tmp)
     return meta
 
 
@@ -223,4 +225,12 @@ def megatron_to_hf(
         (tmp / "config.json").write_text(json.dumps(out_cfg, indent=2, default=str))
         if extras_dir is not None:
             _copy_tokenizer_files(extras_dir, tmp)
+        _write_manifest(tmp)
     return weight_map
+
+
+def _write_manifest(tmp: Path) -> None:
+    """Size and checksum of every file written, last (``tools/convert_* --verify DIR``
+    checks an output against it). The files were just written, so this reads the page
+    cache, not the disk."""
+    write_manifest(tmp, hash_files(tmp, list_files(tmp)))

@@ -54,12 +54,27 @@ class StepSamples:
         return (acc / torch.bincount(g).float())[g]
 
 
+class GraderBroken(RuntimeError):
+    pass
+
+
+def _grader_failed(reason: str) -> bool:
+    """The grader itself failed (its worker died or raised), as opposed to judging an answer."""
+    return reason == "crashed" or reason.startswith("error:")
+
+
 def _grade(pool, tokenizer, responses, truths) -> list[tuple[float, str]]:
     graded = None
     if pool is not None:
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         graded = [(g.score, g.reason) for g in pool.score(texts, truths)]
-    return broadcast_object(graded)
+    graded = broadcast_object(graded)
+    if graded and all(_grader_failed(r) for _, r in graded):
+        # zero rewards from a broken grader would train the policy on noise: stop instead
+        reasons = Counter(r for _, r in graded).most_common(2)
+        raise GraderBroken(f"the grader failed on every one of {len(graded)} samples ({reasons}); "
+                           "fix the reward function (reward.*) and resume from the last checkpoint")
+    return graded
 
 
 def sample_step(cfg: RunConfig, engine, tokenizer, examples, order, pool, *, step: int, version: int,

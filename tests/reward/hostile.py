@@ -20,3 +20,7 @@ def hog(response, truth):
     if response == "hog":
         _ = bytearray(8 << 30)
     return 1.0, "correct"
+
+
+def crash_always(response, truth):
+    os._exit(3)

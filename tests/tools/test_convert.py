@@ -189,6 +189,19 @@ def test_command_lines(hf_dirs, tmp_path):
     assert json.loads((tmp_path / "h" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     r = run("convert_megatron_to_hf.py", "--megatron-dir", str(tmp_path / "m"), "--out", str(tmp_path / "h"))
     assert r.returncode == 2 and "already exists" in r.stderr
+    # --verify: each output against the manifest its conversion wrote last
+    for script, out in (("convert_hf_to_megatron.py", "m"), ("convert_megatron_to_hf.py", "h")):
+        r = run(script, "--verify", str(tmp_path / out))
+        assert r.returncode == 0 and r.stdout.startswith(f"ok: {tmp_path / out}: "), r.stderr
+    shard = sorted((tmp_path / "h").glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run("convert_megatron_to_hf.py", "--verify", str(tmp_path / "h"))
+    assert r.returncode == 1 and f"{shard.name}: checksum differs from the manifest" in r.stderr
+    r = run("convert_hf_to_megatron.py", "--verify", str(d))  # an HF download has no manifest
+    assert r.returncode == 2 and "has no manifest.json" in r.stderr
+    assert "required: --hf-dir, --out" in run("convert_hf_to_megatron.py").stderr
 
 
 def test_bf16_checkpoint_stays_bf16_and_bit_identical(hf_dirs, tmp_path):

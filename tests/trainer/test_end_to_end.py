@@ -127,3 +127,29 @@ def test_eval_cli_on_a_training_checkpoint_takes_the_runs_settings(run, tmp_path
     assert (res["aime25"]["k"], res["aime25"]["temperature"]) == (3, 0.6)
     assert (res["olympiadbench"]["k"], res["olympiadbench"]["temperature"]) == (2, 1.0)
     assert res["aime25"]["max_new_tokens"] == 4  # the run's eval.max_new_tokens
+
+
+def test_resume_from_a_truncated_checkpoint_falls_back_one_step(run, tmp_path):
+    """The issue's scenario: half of one rank's file of the newest checkpoint is cut off
+    (a failed copy, a full disk); the resumed run names the file in one line, moves the
+    checkpoint aside and continues from the one before."""
+    import json
+    import shutil
+
+    from tests.trainer.runs import run_training
+
+    out, task, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    victim = copy / "checkpoints" / f"step_{STEPS:06d}" / "dist" / "__0_0.distcp"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    proc = run_training(copy, task, f"train.steps={STEPS + 1}")
+    lines = [ln for ln in proc.stdout.splitlines() if "fails verification" in ln]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    assert f"checkpoint step_{STEPS:06d} fails verification: dist/__0_0.distcp: {len(data) // 2} bytes, " \
+           f"the manifest says {len(data)}" in lines[0]
+    resumed = [json.loads(x) for x in (copy / "resume_log.jsonl").read_text().splitlines()]
+    assert resumed[-1]["from_step"] == STEPS - 1
+    assert (copy / "checkpoints" / "rejected" / f"step_{STEPS:06d}").is_dir()
+    assert [r["step"] for r in metrics(copy)] == list(range(1, STEPS + 2))

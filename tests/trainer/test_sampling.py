@@ -102,3 +102,45 @@ def test_group_accuracy():
 
     s = StepSamples([0, 0, 1, 1, 1], [], [], [], [], torch.zeros(5), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), [])
     assert s.group_accuracy().tolist() == pytest.approx([0.5, 0.5, 2 / 3, 2 / 3, 2 / 3])
+
+
+def _faulty(kind):
+    import torch.distributed as dist
+
+    from megatron_lpreg.config import RunConfig
+    from megatron_lpreg.reward.pool import VerifierPool
+    from megatron_lpreg.rollout.engine import RolloutEngine
+    from megatron_lpreg.trainer.sampling import sample_step
+    from tests.reward import hostile
+
+    cfg = RunConfig()
+    cfg.rollout.prompts_per_step, cfg.rollout.n = 2, 2
+    examples = [Example([i], "7", {}) for i in range(4)]
+    engine = _engine()
+    if kind == "engine":
+        class Broken(RolloutEngine):
+            def _generate(self, prompts, sampling):
+                raise RuntimeError("engine died mid-rollout (simulated)")
+
+        engine = Broken()
+        engine.set_version(0)
+    pool = None
+    if dist.get_rank() == 0:
+        pool = VerifierPool(1, timeout_s=10, grade_fn=hostile.crash_always if kind == "grader" else None)
+    try:
+        sample_step(cfg, engine, _Tok(), examples, ShuffledOrder(4, 0), pool, step=0, version=0, stop_ids=())
+    except Exception as e:  # noqa: BLE001 - the test looks at what reached the caller
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if pool is not None:
+            pool.close()
+    return None
+
+
+def test_a_grader_crashing_on_every_call_stops_the_step_clearly():
+    msg = run_ranks(_faulty, Layout(tp=1), "grader")[0]
+    assert msg.startswith("GraderBroken: the grader failed on every one of 4 samples ([('crashed', 4)])")
+
+
+def test_an_engine_raising_mid_rollout_reaches_the_caller_with_its_message():
+    assert run_ranks(_faulty, Layout(tp=1), "engine")[0] == "RuntimeError: engine died mid-rollout (simulated)"
