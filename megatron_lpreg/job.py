@@ -6,17 +6,105 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+_SELF_LAUNCHED = "LPREG_SELF_LAUNCHED"
+_ERROR_DIR = "LPREG_ERROR_DIR"
 
 
-def relaunch_under_torchrun(module: str, argv: list[str], nproc: int) -> int | None:
+def relaunch_under_torchrun(module: str, argv: list[str], nproc: int, *, command: str = "",
+                            error_dir: str | Path | None = None) -> int | None:
     """Outside torchrun (no ``RANK``): run ``python -m module argv`` under torchrun
-    with ``nproc`` local processes and return its exit code; inside: None."""
+    with ``nproc`` local processes and return its exit code; inside: None.
+
+    A rank that fails writes its traceback to ``error_dir`` (:func:`report_failure`);
+    this parent then prints each distinct message once, as ``<command>: error: ...``,
+    and hides torchrun's ``ChildFailedError`` banner, which would only repeat it."""
     if "RANK" in os.environ:
         return None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *argv]
-    return subprocess.call(cmd)
+    env = dict(os.environ, **{_SELF_LAUNCHED: "1"})
+    if error_dir is not None:
+        env[_ERROR_DIR] = str(error_dir)
+    start = time.time()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, bufsize=1)
+    reported = lambda: _reported_errors(error_dir, start)  # noqa: E731
+    for line in _without_failure_banner(proc.stderr, lambda: bool(reported())):
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    rc = proc.wait()
+    if rc != 0:
+        for msg in dict.fromkeys(m for _, m in reported()):  # distinct, first rank first
+            print(f"{command or module}: error: {msg}", file=sys.stderr)
+    return rc
+
+
+def _reported_errors(error_dir, since: float) -> list[tuple[int, str]]:
+    """``(rank, first line)`` of every error a rank of this launch reported."""
+    if error_dir is None or not Path(error_dir).is_dir():
+        return []
+    out = []
+    for f in Path(error_dir).glob("rank*.txt"):
+        if f.stat().st_mtime >= since - 1:
+            out.append((int(f.stem.removeprefix("rank")), f.read_text().splitlines()[0]))
+    return sorted(out)
+
+
+def _without_failure_banner(lines, hide: Callable[[], bool]):
+    """torchrun's stderr without the ``ChildFailedError`` traceback and table (and its
+    "failed (exitcode ...)" log line) when ``hide()``: the ranks' own messages say more.
+    Any other traceback passes through."""
+    held: list[str] = []
+    skipping, rules = False, 0
+    for line in lines:
+        if skipping:
+            rules += line.startswith("=====")
+            if rules == 2:
+                skipping = False
+            continue
+        if held:
+            held.append(line)
+            if "ChildFailedError" in line and hide():
+                held, skipping, rules = [], True, 0
+            elif not line.startswith((" ", "Traceback")) and "ChildFailedError" not in line:
+                yield from held
+                held = []
+            continue
+        if line.startswith("Traceback (most recent call last):"):
+            held = [line]
+        elif "elastic/multiprocessing/api.py" in line and "failed (exitcode" in line and hide():
+            continue
+        else:
+            yield line
+    yield from held
+
+
+def report_failure(command: str, exc: BaseException, error_dir: str | Path | None = None) -> int:
+    """Inside a rank: write the traceback to ``<error_dir>/rank<r>.txt`` (first line: the
+    message) and, on rank 0 of a job this package did not launch itself, print the
+    message in one line; returns the exit status (1). Under our own launcher the parent
+    prints each distinct message once (:func:`relaunch_under_torchrun`)."""
+    import traceback
+
+    rank = int(os.environ.get("RANK", 0))
+    msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    error_dir = os.environ.get(_ERROR_DIR) or error_dir
+    where = ""
+    if error_dir:
+        path = Path(error_dir) / f"rank{rank}.txt"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(msg + "\n\n" + "".join(traceback.format_exception(exc)))
+            where = f" (traceback: {path})"
+        except OSError:
+            pass
+    if rank == 0 and _SELF_LAUNCHED not in os.environ:
+        print(f"{command}: error: {msg}{where}", file=sys.stderr, flush=True)
+    return 1
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,22 @@
 Run it under torchrun (``torchrun --nproc_per_node=N -m megatron_lpreg.train ...``)
 or Slurm; started directly it relaunches itself under torchrun with
 ``parallel.tp * parallel.pp`` local processes. A run whose ``train.out_dir``
-holds a complete checkpoint resumes from the newest one.
+holds a complete checkpoint resumes from the newest one that verifies.
+
+Mistakes that can be found before the ranks start (unknown config keys, wrong
+types, missing model or data, a TP/PP that does not split the model) are one line
+on stderr and exit status 2; an error inside the ranks is one line too, its
+traceback in ``<train.out_dir>/errors/rank<r>.txt`` (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun
+from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun, report_failure
 
 
 def parse_args(argv=None):
@@ -26,17 +33,31 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_lpreg.config import load_config
+    from megatron_lpreg.config import ConfigError, load_config
+    from megatron_lpreg.preflight import UserError, check_run
 
-    cfg = load_config(args.config, args.overrides)
-    rc = relaunch_under_torchrun("megatron_lpreg.train", ["--config", args.config, *args.overrides],
-                                 args.nproc or cfg.parallel.tp * cfg.parallel.pp)
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp
+        check_run(cfg, world if world is not None else nproc)
+    except (ConfigError, UserError, OSError) as e:
+        # every rank finds the same mistake; one line is enough
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    errors = Path(cfg.train.out_dir) / "errors"
+    rc = relaunch_under_torchrun("megatron_lpreg.train", ["--config", args.config, *args.overrides], nproc,
+                                 command="train", error_dir=errors)
     if rc is not None:
         return rc
     groups = init_job(cfg.parallel.tp, cfg.parallel.pp)
     from megatron_lpreg.trainer.loop import train
 
-    train(cfg, groups)
+    try:
+        train(cfg, groups)
+    except Exception as e:  # noqa: BLE001 - reported once, traceback in <out_dir>/errors/
+        return report_failure("train", e, errors)
     finish_job()
     return 0
 

@@ -14,12 +14,14 @@ without torchrun it relaunches itself with ``--tp`` local processes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from megatron_lpreg.data.template import TEMPLATES
 from megatron_lpreg.eval.run import DEFAULT_MAX_NEW_TOKENS
-from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun
+from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun, report_failure
+from megatron_lpreg.preflight import UserError
 from megatron_lpreg.reward.extract import ANSWER_FORMATS
 
 DEFAULT_BENCHMARKS = "aime24,aime25,math500,minerva,olympiadbench"
@@ -66,7 +68,7 @@ def run_config_of(checkpoint: Path, given: str | None):
 
     path = Path(given) if given else checkpoint.resolve().parent.parent / "config.yaml"
     if given and not path.exists():
-        raise SystemExit(f"--config {path} does not exist")
+        raise UserError(f"--config {path} does not exist")
     return load_config(path) if path.exists() and (given or checkpoint.parent.name == "checkpoints") else None
 
 
@@ -74,17 +76,17 @@ def parse_sample(text: str) -> dict:
     """``"aime24,amc:temperature=0.6,k=16"`` -> ``{"aime24": {...}, "amc": {...}}``."""
     names, sep, settings = text.partition(":")
     if not sep or not names.strip():
-        raise SystemExit(f"--sample {text!r}: expected NAMES:key=value,... (e.g. aime24:temperature=0.6,k=16)")
+        raise UserError(f"--sample {text!r}: expected NAMES:key=value,... (e.g. aime24:temperature=0.6,k=16)")
     kinds = {"temperature": float, "top_p": float, "k": int}
     values = {}
     for item in filter(None, (x.strip() for x in settings.split(","))):
         key, eq, raw = item.partition("=")
         if not eq or key not in kinds:
-            raise SystemExit(f"--sample {text!r}: {item!r} is not one of {sorted(kinds)}=value")
+            raise UserError(f"--sample {text!r}: {item!r} is not one of {sorted(kinds)}=value")
         try:
             values[key] = kinds[key](raw)
         except ValueError:
-            raise SystemExit(f"--sample {text!r}: {key}={raw!r} is not a {kinds[key].__name__}") from None
+            raise UserError(f"--sample {text!r}: {key}={raw!r} is not a {kinds[key].__name__}") from None
     return {n.strip(): dict(values) for n in names.split(",") if n.strip()}
 
 
@@ -107,7 +109,7 @@ def eval_settings(a, run):
     ecfg.max_new_tokens = a.max_new_tokens or (eval_max_new_tokens(run) if run else DEFAULT_MAX_NEW_TOKENS)
     ecfg.limit = a.limit
     if not ecfg.data_dir:
-        raise SystemExit("no benchmark directory: pass --data-dir (or set eval.data_dir in the run's config)")
+        raise UserError("no benchmark directory: pass --data-dir (or set eval.data_dir in the run's config)")
     template = a.prompt_template or (run.data.prompt_template if run else "chat")
     answer_format = a.answer_format or (run.reward.answer_format if run else "any")
     return ecfg, template, answer_format
@@ -125,41 +127,83 @@ def _load_weights(gpt, spec, ckpt: Path) -> None:
     elif (ckpt / ".metadata").exists():
         load_into(gpt, ckpt, allow_extra=True)
     else:
-        raise SystemExit(f"{ckpt} is neither an HF model dir nor a megatron checkpoint")
+        raise UserError(f"{ckpt} is neither an HF model dir nor a megatron checkpoint")
+
+
+def prepare(a):
+    """Everything checked before the ranks start: ``(checkpoint, hf_dir, spec, eval config,
+    template, answer format)``; a :class:`UserError` names the first problem."""
+    from megatron_lpreg.data.prompts import DataError
+    from megatron_lpreg.eval.benchmarks import find_file
+    from megatron_lpreg.eval.run import benchmark_names
+    from megatron_lpreg.model.hf_config import UnsupportedConfig, load_spec
+    from megatron_lpreg.preflight import check_layout, check_model_dir
+
+    ckpt = Path(a.checkpoint)
+    if not ckpt.exists():
+        raise UserError(f"--checkpoint {ckpt} does not exist")
+    run = run_config_of(ckpt, a.config)
+    hf_dir = Path(a.hf_dir) if a.hf_dir else (Path(run.model.hf_dir) if run else ckpt)
+    check_model_dir(hf_dir, "--hf-dir" if a.hf_dir or not run else "the run's model.hf_dir")
+    if not ((ckpt / "config.json").exists() or (ckpt / "dist").is_dir() or (ckpt / ".metadata").exists()):
+        raise UserError(f"{ckpt} is neither an HF model dir nor a megatron checkpoint")
+    try:
+        spec = load_spec(hf_dir)
+    except UnsupportedConfig as e:
+        raise UserError(f"{hf_dir}: {e}") from None
+    check_layout(spec, a.tp, 1, int(os.environ.get("WORLD_SIZE", a.tp)))
+    ecfg, template, answer_format = eval_settings(a, run)
+    if spec.max_position_embeddings - ecfg.max_new_tokens < 1:
+        raise UserError(f"max new tokens {ecfg.max_new_tokens} leave no room for a prompt in the model's "
+                        f"{spec.max_position_embeddings}-token context")
+    try:
+        for name in benchmark_names(ecfg.benchmarks):
+            find_file(ecfg.data_dir, name)
+    except (DataError, ValueError) as e:
+        raise UserError(str(e)) from None
+    return ckpt, hf_dir, spec, ecfg, template, answer_format
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    ckpt = Path(a.checkpoint)
-    if not ckpt.exists():
-        raise SystemExit(f"--checkpoint {ckpt} does not exist")
-    run = run_config_of(ckpt, a.config)
-    hf_dir = Path(a.hf_dir) if a.hf_dir else (Path(run.model.hf_dir) if run else ckpt)
-    if not (hf_dir / "config.json").exists():
-        raise SystemExit(f"no config.json in {hf_dir}: pass --hf-dir")
-    ecfg, template, answer_format = eval_settings(a, run)
-    rc = relaunch_under_torchrun("megatron_lpreg.eval", argv if argv is not None else sys.argv[1:], a.tp)
+    from megatron_lpreg.config import ConfigError
+
+    try:
+        ckpt, hf_dir, spec, ecfg, template, answer_format = prepare(a)
+    except (UserError, ConfigError, OSError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"eval: error: {e}", file=sys.stderr)
+        return 2
+    errors = Path(f"{a.out}.errors")
+    rc = relaunch_under_torchrun("megatron_lpreg.eval", argv if argv is not None else sys.argv[1:], a.tp,
+                                 command="eval", error_dir=errors)
     if rc is not None:
         return rc
+    groups = init_job(a.tp)
+    try:
+        evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, answer_format)
+    except Exception as e:  # noqa: BLE001 - reported once, traceback in <out>.errors/
+        return report_failure("eval", e, errors)
+    finish_job()
+    return 0
 
+
+def evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, answer_format) -> None:
     import torch
     import torch.distributed as dist
     import transformers
+    from megatron.core import tensor_parallel
 
     from megatron_lpreg.config import RunConfig
     from megatron_lpreg.data.template import end_token_ids
     from megatron_lpreg.eval.run import evaluate, write_report
     from megatron_lpreg.model.builder import build_gpt
-    from megatron_lpreg.model.hf_config import load_spec
     from megatron_lpreg.reward.pool import VerifierPool
     from megatron_lpreg.rollout.factory import make_engine
     from megatron_lpreg.rollout.weight_sync import WeightSync
 
-    groups = init_job(a.tp)
-    from megatron.core import tensor_parallel
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
-    spec = load_spec(hf_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     gpt = build_gpt(spec, params_dtype=dtype).eval()
     _load_weights(gpt, spec, ckpt)
@@ -172,9 +216,6 @@ def main(argv=None) -> int:
     pool = VerifierPool(2, answer_format=answer_format) if dist.get_rank() == 0 else None
     try:
         max_prompt = min(a.max_prompt_tokens, spec.max_position_embeddings - ecfg.max_new_tokens)
-        if max_prompt < 1:
-            raise SystemExit(f"max new tokens {ecfg.max_new_tokens} leave no room for a prompt in the model's "
-                             f"{spec.max_position_embeddings}-token context")
         results = evaluate(engine, tokenizer, ecfg, pool, version=0, max_prompt_tokens=max_prompt,
                            prompt_template=template, stop_ids=end_token_ids(tokenizer, hf_dir))
         if dist.get_rank() == 0:
@@ -186,8 +227,6 @@ def main(argv=None) -> int:
             pool.close()
         if hasattr(engine, "close"):
             engine.close()
-    finish_job()
-    return 0
 
 
 if __name__ == "__main__":
