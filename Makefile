@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/convert.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/fused_output.py
+	$(PY) bench/checkpoint_manifest.py
 
 # The tiny end-to-end Lp-Reg run (a fresh one each time: the previous demo run is replaced).
 DEMO_OUT ?= runs/tiny_cpu
