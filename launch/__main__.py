@@ -71,9 +71,34 @@ def job_from_args(a) -> JobSpec:
     return job
 
 
+def check_job(job) -> None:
+    """What can be known on the submitting host: the config's keys and types with the
+    overrides (values too when this environment can import the trainer's registries),
+    and the job's processes against TP x PP. Paths are left to the nodes (cluster
+    mounts often exist there only). Raises ``ValueError`` with one line."""
+    from megatron_lpreg.config import load_config
+
+    try:
+        import torch  # noqa: F401 - the value checks import the loss registry
+        values = True
+    except ImportError:
+        values = False
+    cfg = load_config(job.config, job.overrides, check_values=values)
+    procs = job.nodes * (job.gpus_per_node or job.procs_per_node)
+    if procs % (cfg.parallel.tp * cfg.parallel.pp):
+        raise ValueError(f"{job.nodes} node(s) x {job.gpus_per_node or job.procs_per_node} processes = {procs} do not "
+                         f"split into tp={cfg.parallel.tp} x pp={cfg.parallel.pp}; use a multiple of "
+                         f"{cfg.parallel.tp * cfg.parallel.pp} processes")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     job = job_from_args(a)
+    try:
+        check_job(job)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
     if a.executor == "local":
         cmd = [job.python, "-m", "megatron_lpreg.train", "--config", job.config, f"train.out_dir={job.out_dir}",
                *job.overrides]

@@ -76,3 +76,17 @@ def test_baseline_methods_and_recipes_at_paper_scale():
     assert "algo.entropy_control=aer" in _script("qwen3_14b_lpreg_onpolicy", "--method", "aer")
     for recipe in ("qwen3_14b_dapo", "qwen3_14b_aer", "qwen25_32b_lpreg_offpolicy"):
         assert f"examples/{recipe}.yaml" in _script(recipe)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tiny_cpu", "algo.lossy=grpo"], "launch: error: unknown config key 'algo.lossy'"),
+    (["tiny_cpu", "train.steps=ten"], "launch: error: train.steps: expected int, got 'ten'"),
+    (["tiny_cpu", "parallel.tp=3"], "launch: error: 1 node(s) x 2 processes = 2 do not split into tp=3 x pp=1"),
+    (["qwen3_14b_lpreg_onpolicy", "--nodes", "1", "parallel.tp=16"],
+     "launch: error: 1 node(s) x 8 processes = 8 do not split into tp=16 x pp=1"),
+])
+def test_launch_mistakes_are_one_line_before_submitting(args, message):
+    out = subprocess.run([sys.executable, "-m", "launch", *args, "--dryrun", "--plain"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.strip().startswith(message), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
