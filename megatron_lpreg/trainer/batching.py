@@ -78,15 +78,28 @@ def token_budget_micro_batches(lengths: torch.Tensor, budget: int) -> list[list[
     return out
 
 
-def data_parallel_rows(lengths: torch.Tensor, dp: int, dp_rank: int, *, reference: bool) -> list[int]:
-    """This data-parallel rank's rows of a step: every ``dp``-th row, or with ``reference``
-    the reference's length-balanced assignment
-    (:func:`megatron_lpreg.trainer.reference_batching.dp_rows`)."""
-    if reference:
-        from megatron_lpreg.trainer.reference_batching import dp_rows
+def data_parallel_rows(lengths: torch.Tensor, dp: int) -> list[list[int]]:
+    """Every data-parallel rank's rows of a step. The rows' tokens (prompt + response)
+    are balanced over ranks with equal row counts (the largest differencing partition,
+    :func:`megatron_lpreg.trainer.reference_batching.balanced_partitions`, as the
+    reference's ``balance_batch``): with 8k-token responses a rank holding the long
+    ones would keep every other rank waiting. Deterministic in ``lengths``; every
+    ``dp``-th row when the rows do not divide over the ranks."""
+    from megatron_lpreg.trainer.reference_batching import balanced_partitions
 
-        return dp_rows(lengths.tolist(), dp)[dp_rank]
-    return [i for i in range(len(lengths)) if i % dp == dp_rank]
+    n = len(lengths)
+    if dp == 1:
+        return [list(range(n))]
+    if n % dp or n < dp:
+        return [list(range(r, n, dp)) for r in range(dp)]
+    return balanced_partitions(lengths.tolist(), dp, equal_rows=True)
+
+
+def token_imbalance(lengths: torch.Tensor, parts: list[list[int]]) -> float:
+    """Max over mean of the ranks' token totals (1.0: perfectly even)."""
+    totals = [int(lengths[p].sum()) if p else 0 for p in parts]
+    mean = sum(totals) / len(totals)
+    return max(totals) / mean if mean else 1.0
 
 
 def mini_batch_positions(n_rows: int, n_mini: int, *, reference: bool) -> list[list[int]]:

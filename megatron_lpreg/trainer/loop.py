@@ -40,6 +40,7 @@ from megatron_lpreg.trainer.batching import (
     mini_batch_positions,
     pack_sequences,
     token_budget_micro_batches,
+    token_imbalance,
 )
 from megatron_lpreg.trainer.head import OutputHead
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
@@ -208,8 +209,9 @@ def prepare_update(t: Trainer, samples: StepSamples, timing: dict) -> UpdateBatc
     pad_id = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else 0
     seqs = pack_sequences(samples.prompts, samples.responses, pad_id)
     adv = grpo_advantages(samples.scores, torch.tensor(samples.group), seqs.mask, norm_by_std=cfg.algo.norm_adv_by_std)
-    mine = data_parallel_rows(seqs.lengths, t.groups.dp_size, t.groups.dp_rank,
-                              reference=uses_reference_batching(cfg.algo))
+    parts = data_parallel_rows(seqs.lengths, t.groups.dp_size)
+    mine = parts[t.groups.dp_rank]
+    timing["train/dp_token_imbalance"] = token_imbalance(seqs.lengths, parts)
     my = seqs.rows(mine)
     with clock(timing, "old_logprob"):
         t.model.eval()

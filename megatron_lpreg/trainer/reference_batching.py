@@ -7,7 +7,9 @@ GPU's mini-batch, so which tokens are regularised and how much each counts depen
 on how its batches are cut. To reproduce it, rows are cut the same way:
 
 1. rows -> data-parallel ranks: balanced partitions of the unpadded lengths
-   (prompt + response) into ``dp`` parts of equal row count (its ``balance_batch``);
+   (prompt + response) into ``dp`` parts of equal row count (its ``balance_batch``;
+   the trainer deals rows this way whatever the scope:
+   :func:`megatron_lpreg.trainer.batching.data_parallel_rows`);
 2. a rank's rows -> mini-batches: contiguous slices, in increasing row order;
 3. a mini-batch -> micro-batches: ``n = min(rows, ceil(tokens / budget))``, the
    largest ``n`` over the DP ranks, then balanced partitions of the unpadded
@@ -96,14 +98,6 @@ def balanced_partitions(lengths: Sequence[int], k: int, *, equal_rows: bool) -> 
     if any(not p for p in parts):
         raise ValueError(f"a part came out empty cutting {n} rows into {k}")
     return parts
-
-
-def dp_rows(lengths: Sequence[int], dp: int) -> list[list[int]]:
-    """Each data-parallel rank's rows (step 1)."""
-    if len(lengths) % dp:
-        raise ValueError(f"the reference's batching needs the step's {len(lengths)} rows to divide over "
-                         f"{dp} data-parallel ranks (rollout.prompts_per_step * rollout.n)")
-    return balanced_partitions(lengths, dp, equal_rows=True)
 
 
 def mini_batch_slices(n_rows: int, n_mini: int) -> list[list[int]]:

@@ -207,7 +207,7 @@ def _rank():
     head = OutputHead(gpt, fused=False, vocab_size=spec.vocab_size, tp_group=ps.get_tensor_model_parallel_group())
     model = wrap_ddp(gpt, cfg)
     opt = make_optimizer(model, cfg.optim)
-    mine = data_parallel_rows(seqs.lengths, DP, ps.get_data_parallel_rank(), reference=True)
+    mine = data_parallel_rows(seqs.lengths, DP)[ps.get_data_parallel_rank()]
     batch = UpdateBatch(seqs.rows(mine), adv[mine], old[mine], torch.zeros_like(old[mine]), proxy[mine], old[mine])
     worst, records = 0.0, []
     for m, pos in enumerate(mini_batch_positions(len(mine), N_MINI, reference=True)):
