@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.collectives import all_reduce_host
+
 _MAG = 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -31,15 +33,11 @@ def _from_key(key: int) -> float:
 
 
 def _sum(x: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
-    return x
+    return all_reduce_host(x, dist.ReduceOp.SUM, group) if group is not None else x
 
 
 def _extreme(x: torch.Tensor, op, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+    return all_reduce_host(x, op, group) if group is not None else x
 
 
 def global_count(n: int, group=None) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.collectives import all_reduce_host
+
 
 def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, rollout_logprob: torch.Tensor,
                          mask: torch.Tensor, group=None) -> dict[str, float]:
@@ -31,8 +33,8 @@ def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, r
         "mismatch_gt_0.1": (diff > 0.1).sum(),
     }
     t = torch.stack([v.double() for v in sums.values()])
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
+    if group is not None:
+        all_reduce_host(t, dist.ReduceOp.SUM, group)
     return dict(zip(sums, t.tolist(), strict=True))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from megatron_lpreg.collectives import all_reduce_host
+
 
 class StopRequest:
     """A stop asked from outside: SIGTERM / SIGUSR1 to any rank, or ``stop_file``
@@ -28,10 +30,7 @@ class StopRequest:
         import torch
 
         local = self.flag or bool(self.stop_file and os.path.exists(self.stop_file))
-        t = torch.tensor([1.0 if local else 0.0])
-        if torch.cuda.is_available():
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dist.group.WORLD)
+        t = all_reduce_host(torch.tensor([1.0 if local else 0.0]), dist.ReduceOp.MAX, dist.group.WORLD)
         return bool(t.item() > 0)
 
     def restore(self) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg.collectives import all_reduce_host
 from megatron_lpreg.config import AlgoConfig
 from megatron_lpreg.loss.aer import aer_entropy_term
 from megatron_lpreg.loss.aggregation import REFERENCE_TOKEN_MEAN
@@ -97,7 +98,7 @@ def _micro_batches(lengths: torch.Tensor, algo: AlgoConfig, dp_group) -> list[li
     if not reference_batching.uses_reference_batching(algo):
         return token_budget_micro_batches(lengths, algo.micro_token_budget)
     count = torch.tensor([reference_batching.micro_batch_count(lengths.tolist(), algo.micro_token_budget)])
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=dp_group)
+    all_reduce_host(count, dist.ReduceOp.MAX, dp_group)
     return reference_batching.micro_batches(lengths.tolist(), int(count))
 
 
@@ -110,7 +111,7 @@ def _scales(batch: UpdateBatch, rows: list[int], micro: list[list[int]], algo: A
         # sequences of the micro-batch / of this rank's mini-batch; DDP's average over ranks is the reference's
         return units, [len(m) / len(rows) * len(micro) for m in micro]
     total = torch.tensor([sum(units)], dtype=torch.float64)
-    dist.all_reduce(total, group=groups.dp)
+    all_reduce_host(total, dist.ReduceOp.SUM, groups.dp)
     return units, [u / max(float(total.item()), 1.0) * len(micro) * groups.dp_size for u in units]
 
 
@@ -228,7 +229,7 @@ def _reduce_over_dp(record: dict, groups) -> dict:
     u = record["units"]
     t = torch.tensor([record[k] if k.endswith("_tokens") or k == "units" else record[k] * u for k in keys],
                      dtype=torch.float64)
-    dist.all_reduce(t, group=groups.dp)
+    all_reduce_host(t, dist.ReduceOp.SUM, groups.dp)
     total = t[keys.index("units")].item() or 1.0
     out = {k: (v if k.endswith("_tokens") else v / total) for k, v in zip(keys, t.tolist(), strict=True)
            if k != "units"}
