@@ -115,19 +115,28 @@ def eval_settings(a, run):
     return ecfg, template, answer_format
 
 
+def checkpoint_kind(ckpt: Path) -> str:
+    """``hf`` (config.json + safetensors), ``training`` (a trainer's ``step_N`` with
+    ``dist/``) or ``megatron`` (a converted torch_dist checkpoint)."""
+    if (ckpt / "config.json").exists() and any(ckpt.glob("*.safetensors")):
+        return "hf"
+    if (ckpt / "dist").is_dir():
+        return "training"
+    if (ckpt / ".metadata").exists():
+        return "megatron"
+    raise UserError(f"{ckpt} is neither an HF model dir nor a megatron checkpoint")
+
+
 def _load_weights(gpt, spec, ckpt: Path) -> None:
     from megatron_lpreg.model.builder import load_hf_weights
     from megatron_lpreg.model.checkpoint import load_into
     from megatron_lpreg.model.hf_shards import HFShards
 
-    if (ckpt / "config.json").exists() and any(ckpt.glob("*.safetensors")):
+    kind = checkpoint_kind(ckpt)
+    if kind == "hf":
         load_hf_weights(gpt, spec, HFShards(ckpt).get)
-    elif (ckpt / "dist").is_dir():
-        load_into(gpt, ckpt / "dist", allow_extra=True)  # a training checkpoint: optimiser state too
-    elif (ckpt / ".metadata").exists():
-        load_into(gpt, ckpt, allow_extra=True)
-    else:
-        raise UserError(f"{ckpt} is neither an HF model dir nor a megatron checkpoint")
+    else:  # a training checkpoint holds the optimiser state too
+        load_into(gpt, ckpt / "dist" if kind == "training" else ckpt, allow_extra=True)
 
 
 def prepare(a):
@@ -145,8 +154,7 @@ def prepare(a):
     run = run_config_of(ckpt, a.config)
     hf_dir = Path(a.hf_dir) if a.hf_dir else (Path(run.model.hf_dir) if run else ckpt)
     check_model_dir(hf_dir, "--hf-dir" if a.hf_dir or not run else "the run's model.hf_dir")
-    if not ((ckpt / "config.json").exists() or (ckpt / "dist").is_dir() or (ckpt / ".metadata").exists()):
-        raise UserError(f"{ckpt} is neither an HF model dir nor a megatron checkpoint")
+    checkpoint_kind(ckpt)
     try:
         spec = load_spec(hf_dir)
     except UnsupportedConfig as e:

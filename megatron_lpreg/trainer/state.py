@@ -58,12 +58,6 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, unverified (see :func:`resumable_checkpoint`)."""
-    done = _complete(checkpoint_root(out_dir))
-    return done[-1] if done else None
-
-
 def rng_state() -> dict:
     from megatron.core import tensor_parallel
 
