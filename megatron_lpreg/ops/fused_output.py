@@ -74,7 +74,7 @@ def _check(hidden, weight, target, sequence_parallel, group, chunk_tokens):
 class _FusedLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, temperature, group, vocab_size, with_entropy, sequence_parallel,
-                chunk_tokens, block_elements, reduce_hidden_grad):
+                chunk_tokens, block_elements, reduce_hidden_grad, backend):
         full = _gather_sequence(hidden, group) if sequence_parallel and group is not None else hidden
         h2d = full.reshape(-1, full.shape[-1])
         t1d = target.reshape(-1)
@@ -83,7 +83,7 @@ class _FusedLogProb(torch.autograd.Function):
         shard = None
         for a, b in _spans(0, n, chunk_tokens):
             logits = h2d[a:b] @ weight.t()
-            shard = _make_shard(logits, group, vocab_size, None, block_elements)
+            shard = _make_shard(logits, group, vocab_size, None, block_elements, backend)
             lp, h, m, ls = logprob_forward(logits, t1d[a:b], temperature, group, shard, with_entropy)
             for k, v in zip(("lp", "h", "m", "ls"), (lp, h, m, ls), strict=True):
                 if v is not None:
@@ -92,7 +92,7 @@ class _FusedLogProb(torch.autograd.Function):
         cat = {k: (torch.cat(v) if v else None) for k, v in outs.items()}
         ctx.save_for_backward(hidden, weight, t1d, cat["m"], cat["ls"], cat["h"])
         ctx.cfg = (temperature, group, vocab_size, with_entropy, sequence_parallel, chunk_tokens, block_elements,
-                   reduce_hidden_grad)
+                   reduce_hidden_grad, backend)
         lead = target.shape
         entropy = cat["h"].reshape(lead) if with_entropy else torch.zeros(0, device=hidden.device)
         return cat["lp"].reshape(lead), entropy
@@ -100,7 +100,7 @@ class _FusedLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_h):
         hidden, weight, t1d, m_all, ls_all, h_all = ctx.saved_tensors
-        temperature, group, vocab_size, with_entropy, sp, chunk_tokens, block_elements, reduce_grad = ctx.cfg
+        temperature, group, vocab_size, with_entropy, sp, chunk_tokens, block_elements, reduce_grad, backend = ctx.cfg
         full = _gather_sequence(hidden, group) if sp and group is not None else hidden
         h2d = full.reshape(-1, full.shape[-1])
         n = t1d.numel()
@@ -111,12 +111,12 @@ class _FusedLogProb(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for a, b in _spans(0, n, chunk_tokens):
             logits = h2d[a:b] @ weight.t()
-            shard = _make_shard(logits, group, vocab_size, None, block_elements)
+            shard = _make_shard(logits, group, vocab_size, None, block_elements, backend)
             g = logprob_backward(logits, t1d[a:b], m_all[a:b], ls_all[a:b], h_all[a:b] if use_h else None,
                                  g_lp[a:b], g_h[a:b] if use_h else None, temperature, shard, use_h, out=logits)
             _accumulate(g, weight, h2d[a:b], grad_h[a:b], grad_w)
         grad_h = _reduce_hidden_grad(grad_h.reshape(full.shape), hidden.shape, group, sp, reduce_grad)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None, None, None
 
 
 def _accumulate(g, weight, h_chunk, grad_h_out, grad_w) -> None:
@@ -158,7 +158,7 @@ def _token_grads(loss_of, lp, ent, lead, with_entropy):
 class _FusedLogProbLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, loss_of, placeholder_lp, placeholder_ent, box, temperature, group,
-                vocab_size, with_entropy, sequence_parallel, chunk_tokens, block_elements, reduce_hidden_grad):
+                vocab_size, with_entropy, sequence_parallel, chunk_tokens, block_elements, reduce_hidden_grad, backend):
         full = _gather_sequence(hidden, group) if sequence_parallel and group is not None else hidden
         h2d = full.reshape(-1, full.shape[-1])
         t1d = target.reshape(-1)
@@ -173,7 +173,7 @@ class _FusedLogProbLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for a, b in _spans(0, n, chunk_tokens):
             logits = h2d[a:b] @ weight.t()
-            shard = _make_shard(logits, group, vocab_size, None, block_elements)
+            shard = _make_shard(logits, group, vocab_size, None, block_elements, backend)
             lp, h, m, ls = logprob_forward(logits, t1d[a:b], temperature, group, shard, with_entropy)
             lp_all[a:b] = lp
             if with_entropy:
@@ -207,7 +207,7 @@ class _FusedLogProbLoss(torch.autograd.Function):
         del ctx.grads
         group, sp, reduce_grad, w_dtype, local_shape = ctx.cfg
         grad_h = _reduce_hidden_grad(grad_h.mul_(g_loss.to(grad_h.dtype)), local_shape, group, sp, reduce_grad)
-        return (grad_h, grad_w.mul_(g_loss).to(w_dtype)) + (None,) * 13
+        return (grad_h, grad_w.mul_(g_loss).to(w_dtype)) + (None,) * 14
 
 
 def _check_separable(final: torch.Tensor, per_chunk: torch.Tensor, what: str) -> None:
@@ -238,6 +238,7 @@ def fused_logprob(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     reduce_hidden_grad: bool = True,
+    backend: str = "auto",
 ):
     """Differentiable ``log pi(target)`` (and entropy) from hidden states and the weight shard.
 
@@ -250,6 +251,8 @@ def fused_logprob(
         chunk_tokens: tokens whose logits exist at once.
         reduce_hidden_grad: sum the hidden-state gradient over the TP group (False when
             the caller's own autograd op does it, e.g. megatron's sequence-parallel gather).
+        backend: the op's row passes per chunk, as
+            :func:`megatron_lpreg.ops.vocab_parallel.token_stats`.
 
     Returns:
         ``logprob [...]`` fp32, or ``(logprob, entropy)``; gradients flow to
@@ -258,7 +261,7 @@ def fused_logprob(
     group = _effective_group(tp_group)
     _check(hidden, weight, target, sequence_parallel, group, chunk_tokens)
     lp, h = _FusedLogProb.apply(hidden, weight, target, float(temperature), group, vocab_size, with_entropy,
-                                sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad)
+                                sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad, backend)
     return (lp, h) if with_entropy else lp
 
 
@@ -278,12 +281,13 @@ def fused_logprob_loss(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     reduce_hidden_grad: bool = True,
+    backend: str = "auto",
 ):
     """A token-separable loss of ``log pi(target)`` (and entropy), gradients formed in the forward.
 
     Args:
         hidden, weight, target, temperature, tp_group, vocab_size, with_entropy,
-            sequence_parallel, chunk_tokens, block_elements, reduce_hidden_grad: as
+            sequence_parallel, chunk_tokens, block_elements, reduce_hidden_grad, backend: as
             :func:`fused_logprob`.
         loss_of: ``(logprob [...] fp32, entropy [...] fp32 | None) -> (scalar loss, aux)``.
             Called once per chunk and once at the end; it must be token-separable and
@@ -311,7 +315,7 @@ def fused_logprob_loss(
     box: dict = {}
     loss, lp, ent = _FusedLogProbLoss.apply(
         hidden, weight, target, loss_of, placeholder_logprob, placeholder_entropy, box, float(temperature), group,
-        vocab_size, with_entropy, sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad)
+        vocab_size, with_entropy, sequence_parallel, int(chunk_tokens), block_elements, reduce_hidden_grad, backend)
     return loss, lp, (ent if with_entropy else None), box.get("aux")
 
 
@@ -328,7 +332,7 @@ def fused_token_stats(
 ) -> TokenStats:
     """:func:`megatron_lpreg.ops.vocab_parallel.token_stats` (log-prob, entropy, Lp-Reg
     proxy) from hidden states, one chunk of logits at a time. ``kw``: proxy,
-    proxy_threshold, temperature, vocab_size, block_elements."""
+    proxy_threshold, temperature, vocab_size, block_elements, backend."""
     group = _effective_group(tp_group)
     _check(hidden, weight, target, sequence_parallel, group, chunk_tokens)
     full = _gather_sequence(hidden, group) if sequence_parallel and group is not None else hidden

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 PROXY_KINDS = ("minp", "minp_soft", "fixed")
+BACKENDS = ("auto", "torch", "triton")
 
 # The reference sets filtered logits to -1e4, so a filtered target's proxy
 # log-prob is about -1e4. We return min(-1e4, log pi(y)): close to the reference
@@ -85,6 +86,7 @@ class _Shard:
     chunk: int  # tokens per collective round
     block: int  # rows per cache block (<= chunk)
     dtype: torch.dtype  # compute dtype
+    backend: str = "torch"  # "torch" (blocked passes) or "triton" (ops/triton_rows.py)
 
 
 # ---------------------------------------------------------------------------
@@ -134,7 +136,34 @@ def _check_target_range(target: torch.Tensor, shard: _Shard) -> None:
         )
 
 
-def _make_shard(logits, group, vocab_size, chunk_tokens, block_elements) -> _Shard:
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    """``auto``: Triton for CUDA logits when it can run, else torch; ``triton``: Triton
+    or a one-line error saying why not; ``torch``: the blocked torch path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"ops backend {backend!r} is not one of {BACKENDS}")
+    if backend == "torch" or (backend == "auto" and not logits.is_cuda):
+        return "torch"
+    why = _triton_unusable(logits)
+    if why is None:
+        return "triton"
+    if backend == "auto":
+        return "torch"
+    raise RuntimeError(f"ops backend 'triton' cannot run here: {why}")
+
+
+def _triton_unusable(logits: torch.Tensor) -> str | None:
+    if logits.dtype == torch.float64:
+        return "fp64 logits (the kernels compute in fp32); use the torch backend"
+    try:
+        from megatron_lpreg.ops import triton_rows
+    except ImportError:
+        return "triton is not installed"
+    if not logits.is_cuda and not triton_rows.interpreted():
+        return "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before the kernels are imported)"
+    return None
+
+
+def _make_shard(logits, group, vocab_size, chunk_tokens, block_elements, backend: str = "torch") -> _Shard:
     rank, tp = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
     n_local = logits.shape[-1]
     padded = n_local * tp
@@ -156,6 +185,7 @@ def _make_shard(logits, group, vocab_size, chunk_tokens, block_elements) -> _Sha
         block=min(max(1, block_elements // max(n_local, 1)), chunk_tokens or n_tokens, n_tokens),
         # fp32 accumulation for half precision; fp64 stays fp64 (gradcheck)
         dtype=torch.promote_types(logits.dtype, torch.float32),
+        backend=resolve_backend(backend, logits),
     )
 
 
@@ -203,18 +233,23 @@ def _global_max(logits2d, lo, hi, shard, temperature, group, *, with_min=False):
         local = torch.where(torch.isnan(local), math.inf, local)
     red = all_reduce_max(local, group)
     m = red[:, 0]
-    bad = ~torch.isfinite(m)
-    if bool(bad.any()):
-        i = lo + int(bad.nonzero()[0])
-        raise ValueError(
-            f"logits of token {i} contain NaN or +inf, or are all -inf; cannot form a distribution"
-        )
+    _check_max(m, lo)
     m = m / temperature if temperature != 1.0 else m
     mn = None
     if with_min:
         mn = -red[:, 1]
         mn = mn / temperature if temperature != 1.0 else mn
     return m, mn
+
+
+def _check_max(m: torch.Tensor, lo: int) -> None:
+    """Raise, on every rank alike, when a row's all-reduced max is not finite."""
+    bad = ~torch.isfinite(m)
+    if bool(bad.any()):
+        i = lo + int(bad.nonzero()[0])
+        raise ValueError(
+            f"logits of token {i} contain NaN or +inf, or are all -inf; cannot form a distribution"
+        )
 
 
 class _Blocks:
@@ -324,6 +359,106 @@ def _entropy(log_s: torch.Tensor, s: torch.Tensor, sd: torch.Tensor) -> torch.Te
 # forward-only pass (old-policy log-probs + proxy)
 
 
+@dataclass
+class _ChunkSums:
+    """A chunk's all-reduced per-token sums, ``[c]`` each: S, Sd, d_y, the proxy's kept
+    sum S_K and its threshold in d-space; for ``minp_soft`` also |K| and d_min."""
+
+    s: torch.Tensor
+    sd: torch.Tensor
+    d_y: torch.Tensor
+    s_k: torch.Tensor
+    thr: torch.Tensor
+    n_kept: torch.Tensor | None = None
+    d_min: torch.Tensor | None = None
+
+
+def _chunk_sums_torch(logits2d, target1d, lo, hi, shard, temperature, group, proxy, log_thr, blocks) -> _ChunkSums:
+    """Blocked torch passes: max, then the sums (and for ``fixed`` one more pass)."""
+    dev = logits2d.device
+    minp_thr = log_thr / temperature  # in d-space; a Python float compares in fp32
+    m, x_min = _global_max(logits2d, lo, hi, shard, temperature, group, with_min=proxy == "minp_soft")
+    col, owned = _target_columns(target1d[lo:hi], shard)
+    # per token: S, Sd, d_y, then S_K (minp*), |K| (minp_soft) or S_raw (fixed, T != 1)
+    n_cols = 3 + (proxy != "fixed") + (proxy == "minp_soft") + (proxy == "fixed" and temperature != 1.0)
+    part = torch.zeros(hi - lo, n_cols, dtype=shard.dtype, device=dev)
+    for a, b in _spans(lo, hi, shard.block):
+        r = slice(a - lo, b - lo)
+        d, e = blocks.get(b - a)
+        _shifted(logits2d, a, b, shard, temperature, m[r], d)
+        redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
+        part[r, 2] = _pick(d, col[r], owned[r])
+        if proxy == "fixed" and temperature != 1.0:  # untempered normaliser, absolute threshold
+            part[r, 3] = torch.exp(d * temperature).sum(dim=1)
+        if proxy == "minp_soft":
+            part[r, 4] = (d >= minp_thr).sum(dim=1)
+        part[r, 0], part[r, 1] = _exp_sums(d, e, redo)  # d is spent from here
+        if proxy != "fixed":
+            part[r, 3] = _kept_sum(e, minp_thr, redo)
+    s, sd, d_y, *rest = all_reduce_sum(part, group).unbind(1)
+
+    if proxy == "fixed":
+        s_raw = rest[0] if temperature != 1.0 else s
+        thr = (torch.log(s_raw) + log_thr) / temperature  # [c]
+        s_k = torch.zeros(hi - lo, dtype=shard.dtype, device=dev)
+        for a, b in _spans(lo, hi, shard.block):
+            r = slice(a - lo, b - lo)
+            d, e = blocks.get(b - a)
+            _shifted(logits2d, a, b, shard, temperature, m[r], d)
+            torch.exp(d, out=e)
+            s_k[r] = _kept_sum_exact(d, e, thr[r].unsqueeze(1))
+        return _ChunkSums(s, sd, d_y, all_reduce_sum(s_k, group), thr)
+    soft = proxy == "minp_soft"
+    return _ChunkSums(s, sd, d_y, rest[0], torch.full_like(s, minp_thr),
+                      n_kept=rest[1] if soft else None, d_min=x_min - m if soft else None)
+
+
+def _join_max(p: dict, lo: int, group, *, with_min: bool = False):
+    """Global tempered row max (and min) from Triton partials: one all-reduce-MAX.
+    A local NaN or +inf becomes +inf, so every rank raises together."""
+    bad = torch.isnan(p["m"]) | torch.isnan(p["s"]) | (p["m"] == math.inf)
+    cols = [torch.where(bad, math.inf, p["m"])]
+    if with_min:
+        cols.append(-p["xmin"])
+    red = all_reduce_max(torch.stack(cols, dim=1), group)
+    _check_max(red[:, 0], lo)
+    return red[:, 0], (-red[:, 1] if with_min else None)
+
+
+def _rescaled(p: dict, m: torch.Tensor):
+    """S and Sd of the partials, taken from the local max to the global ``m``."""
+    scale = torch.exp(p["m"] - m)  # 0 for a rank whose columns are all -inf or padding
+    shift = torch.where(p["s"] > 0, p["m"] - m, 0.0) * p["s"]
+    return p["s"] * scale, scale * (p["sd"] + shift)
+
+
+def _chunk_sums_triton(logits2d, target1d, lo, hi, shard, temperature, group, proxy, log_thr,
+                       _blocks=None) -> _ChunkSums:
+    """Triton: one read for the partials, one for the kept sum (needs the global max)."""
+    from megatron_lpreg.ops import triton_rows
+
+    x = logits2d[lo:hi, : shard.n_valid]
+    col, owned = _target_columns(target1d[lo:hi], shard)
+    soft, raw = proxy == "minp_soft", proxy == "fixed" and temperature != 1.0
+    p = triton_rows.row_partials(x, torch.where(owned, col, -1), temperature, with_min=soft, with_raw=raw)
+    m, x_min = _join_max(p, lo, group, with_min=soft)
+    s, sd = _rescaled(p, m)
+    cols = [s, sd, torch.where(owned, p["xy"] - m, 0.0)]
+    if raw:
+        cols.append(p["sraw"] * torch.exp((p["m"] - m) * temperature))
+    if proxy != "fixed":
+        thr = torch.full_like(s, log_thr / temperature)
+        s_k, count = triton_rows.kept_sums(x, temperature, m, thr, with_count=soft)
+        cols += [s_k] + ([count] if soft else [])
+    red = all_reduce_sum(torch.stack(cols, dim=1), group).unbind(1)
+    s, sd, d_y = red[:3]
+    if proxy == "fixed":
+        thr = (torch.log(red[3] if raw else s) + log_thr) / temperature
+        s_k, _ = triton_rows.kept_sums(x, temperature, m, thr)
+        return _ChunkSums(s, sd, d_y, all_reduce_sum(s_k, group), thr)
+    return _ChunkSums(s, sd, d_y, red[3], thr, n_kept=red[4] if soft else None, d_min=x_min - m if soft else None)
+
+
 def _validate_proxy(proxy: str, proxy_threshold: float) -> None:
     if proxy not in PROXY_KINDS:
         raise ValueError(f"proxy={proxy!r} is not one of {PROXY_KINDS}")
@@ -343,6 +478,7 @@ def token_stats(
     vocab_size: int | None = None,
     chunk_tokens: int | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    backend: str = "auto",
 ) -> TokenStats:
     """Log-prob, entropy and Lp-Reg proxy log-prob of ``target`` in one pass, no grad.
 
@@ -360,6 +496,8 @@ def token_stats(
             ignored. Defaults to ``vocab/tp * tp``.
         chunk_tokens: tokens per collective round (None: all in one round).
         block_elements: size of the reusable temporaries (rows x vocab/tp).
+        backend: ``auto`` (Triton kernels for CUDA logits when Triton runs, else the
+            torch passes), ``torch`` or ``triton`` (:mod:`megatron_lpreg.ops.triton_rows`).
 
     Returns:
         :class:`TokenStats` of ``[...]`` tensors.
@@ -368,7 +506,7 @@ def token_stats(
     _check_target(logits, target)
     _validate_proxy(proxy, proxy_threshold)
     group = _effective_group(tp_group)
-    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements)
+    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements, backend)
     _check_target_range(target, shard)
 
     lead = logits.shape[:-1]
@@ -377,45 +515,13 @@ def token_stats(
     n, dev = target1d.numel(), logits.device
     out = {k: torch.empty(n, dtype=shard.dtype, device=dev) for k in ("lp", "h", "px")}
     in_proxy = torch.empty(n, dtype=torch.bool, device=dev)
-    blocks = _Blocks(shard, dev)
+    blocks = _Blocks(shard, dev) if shard.backend == "torch" else None
     log_thr = math.log(proxy_threshold)
-    minp_thr = log_thr / temperature  # in d-space; a Python float compares in fp32
+    chunk_sums = _chunk_sums_triton if shard.backend == "triton" else _chunk_sums_torch
 
     for lo, hi in _spans(0, n, shard.chunk):
-        m, x_min = _global_max(logits2d, lo, hi, shard, temperature, group, with_min=proxy == "minp_soft")
-        col, owned = _target_columns(target1d[lo:hi], shard)
-        # per token: S, Sd, d_y, then S_K (minp*), |K| (minp_soft) or S_raw (fixed, T != 1)
-        n_cols = 3 + (proxy != "fixed") + (proxy == "minp_soft") + (proxy == "fixed" and temperature != 1.0)
-        part = torch.zeros(hi - lo, n_cols, dtype=shard.dtype, device=dev)
-        for a, b in _spans(lo, hi, shard.block):
-            r = slice(a - lo, b - lo)
-            d, e = blocks.get(b - a)
-            _shifted(logits2d, a, b, shard, temperature, m[r], d)
-            redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
-            part[r, 2] = _pick(d, col[r], owned[r])
-            if proxy == "fixed" and temperature != 1.0:  # untempered normaliser, absolute threshold
-                part[r, 3] = torch.exp(d * temperature).sum(dim=1)
-            if proxy == "minp_soft":
-                part[r, 4] = (d >= minp_thr).sum(dim=1)
-            part[r, 0], part[r, 1] = _exp_sums(d, e, redo)  # d is spent from here
-            if proxy != "fixed":
-                part[r, 3] = _kept_sum(e, minp_thr, redo)
-        s, sd, d_y, *rest = all_reduce_sum(part, group).unbind(1)
-
-        if proxy == "fixed":
-            s_raw = rest[0] if temperature != 1.0 else s
-            thr = (torch.log(s_raw) + log_thr) / temperature  # [c]
-            s_k = torch.zeros(hi - lo, dtype=shard.dtype, device=dev)
-            for a, b in _spans(lo, hi, shard.block):
-                r = slice(a - lo, b - lo)
-                d, e = blocks.get(b - a)
-                _shifted(logits2d, a, b, shard, temperature, m[r], d)
-                torch.exp(d, out=e)
-                s_k[r] = _kept_sum_exact(d, e, thr[r].unsqueeze(1))
-            s_k = all_reduce_sum(s_k, group)
-        else:
-            thr = torch.full_like(s, minp_thr)
-            s_k = rest[0]
+        c = chunk_sums(logits2d, target1d, lo, hi, shard, temperature, group, proxy, log_thr, blocks)
+        s, sd, d_y, s_k, thr = c.s, c.sd, c.d_y, c.s_k, c.thr
         # d_y is global after the SUM, so membership needs no extra collective.
         kept_y = d_y >= thr
 
@@ -424,8 +530,8 @@ def token_stats(
         out["lp"][lo:hi] = logprob
         out["h"][lo:hi] = _entropy(log_s, s, sd)
         if proxy == "minp_soft":
-            d_min = x_min - m
-            n_out = shard.vocab_size - rest[1]
+            d_min = c.d_min
+            n_out = shard.vocab_size - c.n_kept
             log_s_soft = torch.log(s_k + n_out * torch.exp(d_min))
             out["px"][lo:hi] = torch.where(kept_y, d_y, d_min) - log_s_soft
         else:
@@ -487,28 +593,51 @@ def logprob_forward(logits2d, target1d, temperature, group, shard, with_entropy)
     log_s_all = torch.empty_like(m_all)
     logprob = torch.empty_like(m_all)
     entropy = torch.empty_like(m_all) if with_entropy else None
-    blocks = _Blocks(shard, dev)
+    blocks = _Blocks(shard, dev) if shard.backend == "torch" else None
     for lo, hi in _spans(0, n, shard.chunk):
-        m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
-        col, owned = _target_columns(target1d[lo:hi], shard)
-        part = torch.zeros(hi - lo, 3, dtype=shard.dtype, device=dev)  # d_y, S, Sd
-        for a, b in _spans(lo, hi, shard.block):
-            r = slice(a - lo, b - lo)
-            d, e = blocks.get(b - a)
-            _shifted(logits2d, a, b, shard, temperature, m[r], d)
-            part[r, 0] = _pick(d, col[r], owned[r])
-            if with_entropy:
-                redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
-                part[r, 1], part[r, 2] = _exp_sums(d, e, redo)
-            else:
-                part[r, 1] = torch.exp(d, out=e).sum(dim=1)
-        d_y, s, sd = all_reduce_sum(part, group).unbind(1)
+        if shard.backend == "triton":
+            m, d_y, s, sd = _logprob_sums_triton(logits2d, target1d, lo, hi, shard, temperature, group)
+        else:
+            m, d_y, s, sd = _logprob_sums_torch(logits2d, target1d, lo, hi, shard, temperature, group, blocks,
+                                                with_entropy)
         log_s = torch.log(s)
         m_all[lo:hi], log_s_all[lo:hi] = m, log_s
         logprob[lo:hi] = d_y - log_s
         if with_entropy:
             entropy[lo:hi] = _entropy(log_s, s, sd)
     return logprob, entropy, m_all, log_s_all
+
+
+def _logprob_sums_triton(logits2d, target1d, lo, hi, shard, temperature, group):
+    """``(m, d_y, S, Sd)`` of a chunk from one Triton read, one MAX and one SUM."""
+    from megatron_lpreg.ops import triton_rows
+
+    col, owned = _target_columns(target1d[lo:hi], shard)
+    p = triton_rows.row_partials(logits2d[lo:hi, : shard.n_valid], torch.where(owned, col, -1), temperature)
+    m, _ = _join_max(p, lo, group)
+    s, sd = _rescaled(p, m)
+    d_y, s, sd = all_reduce_sum(torch.stack([torch.where(owned, p["xy"] - m, 0.0), s, sd], dim=1), group).unbind(1)
+    return m, d_y, s, sd
+
+
+def _logprob_sums_torch(logits2d, target1d, lo, hi, shard, temperature, group, blocks, with_entropy):
+    """``(m, d_y, S, Sd)`` of a chunk from the blocked passes (Sd only ``with_entropy``)."""
+    dev = logits2d.device
+    m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
+    col, owned = _target_columns(target1d[lo:hi], shard)
+    part = torch.zeros(hi - lo, 3, dtype=shard.dtype, device=dev)  # d_y, S, Sd
+    for a, b in _spans(lo, hi, shard.block):
+        r = slice(a - lo, b - lo)
+        d, e = blocks.get(b - a)
+        _shifted(logits2d, a, b, shard, temperature, m[r], d)
+        part[r, 0] = _pick(d, col[r], owned[r])
+        if with_entropy:
+            redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
+            part[r, 1], part[r, 2] = _exp_sums(d, e, redo)
+        else:
+            part[r, 1] = torch.exp(d, out=e).sum(dim=1)
+    d_y, s, sd = all_reduce_sum(part, group).unbind(1)
+    return m, d_y, s, sd
 
 
 def logprob_backward(logits2d, target1d, m_all, log_s_all, entropy, g_lp, g_h, temperature, shard, with_entropy,
@@ -522,8 +651,16 @@ def logprob_backward(logits2d, target1d, m_all, log_s_all, entropy, g_lp, g_h, t
     if g_lp is None:
         g_lp = torch.zeros(n, dtype=shard.dtype, device=logits2d.device)
     grad = _grad_buffer(logits2d, shard, out)
-    blocks = _Blocks(shard, logits2d.device)
     col, owned = _target_columns(target1d, shard)
+    if shard.backend == "triton":
+        from megatron_lpreg.ops import triton_rows
+
+        f32 = functools.partial(torch.Tensor.to, dtype=torch.float32)
+        triton_rows.row_grads(logits2d[:, : shard.n_valid], grad[:, : shard.n_valid], torch.where(owned, col, -1),
+                              temperature, f32(m_all), f32(log_s_all), f32(entropy) if use_h else None, f32(g_lp),
+                              f32(g_h) if use_h else None)
+        return grad
+    blocks = _Blocks(shard, logits2d.device)
     for a, b in _spans(0, n, shard.block):
         logp, p = blocks.get(b - a)
         # (x - m) - log S, not x - (m + log S): x - m is exact, so p carries
@@ -562,6 +699,7 @@ def vocab_parallel_logprob(
     with_entropy: bool = False,
     chunk_tokens: int | None = None,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    backend: str = "auto",
 ):
     """Differentiable ``log pi(target)`` (and entropy) from a vocab-parallel logits shard.
 
@@ -570,7 +708,7 @@ def vocab_parallel_logprob(
             Arithmetic is fp32 per block; the gradient has the logits' dtype.
         target: ``[...]`` int64 global token ids in ``[0, vocab_size)``.
         with_entropy: also return the (differentiable) entropy.
-        temperature, tp_group, vocab_size, chunk_tokens, block_elements: as
+        temperature, tp_group, vocab_size, chunk_tokens, block_elements, backend: as
             :func:`token_stats`.
 
     Returns:
@@ -580,7 +718,7 @@ def vocab_parallel_logprob(
     _check_logits(logits, temperature, chunk_tokens, block_elements)
     _check_target(logits, target)
     group = _effective_group(tp_group)
-    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements)
+    shard = _make_shard(logits, group, vocab_size, chunk_tokens, block_elements, backend)
     _check_target_range(target, shard)
     lead = logits.shape[:-1]
     logprob, entropy = _VocabParallelLogProb.apply(
