@@ -28,6 +28,14 @@ class ModelConfig:
 
 
 @dataclass
+class OpsConfig:
+    # the vocab-parallel op's row passes: auto = Triton kernels on CUDA when Triton
+    # imports, else torch; torch = the blocked torch path (CPU, reference); triton = fail
+    # with one line where the kernels cannot run
+    backend: str = "auto"
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -194,6 +202,7 @@ class TrainConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -334,6 +343,7 @@ def validate(cfg: RunConfig) -> None:
     from megatron_lpreg.loss.aggregation import AGG_MODES, REFERENCE_TOKEN_MEAN
     from megatron_lpreg.loss.registry import LOSSES
     from megatron_lpreg.manifest import VERIFY_MODES
+    from megatron_lpreg.ops.vocab_parallel import BACKENDS
     from megatron_lpreg.reward.extract import ANSWER_FORMATS
 
     a = cfg.algo
@@ -374,6 +384,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.verify_checkpoint in VERIFY_MODES,
          f"train.verify_checkpoint={cfg.train.verify_checkpoint!r} is not one of {VERIFY_MODES}"),
         (cfg.parallel.recompute in ("none", "full"), "parallel.recompute must be none or full"),
+        (cfg.ops.backend in BACKENDS, f"ops.backend={cfg.ops.backend!r} is not one of {BACKENDS}"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -46,6 +46,12 @@ def check_run(cfg, world_size: int | None = None) -> None:
     from megatron_lpreg.trainer.reference_batching import uses_reference_batching
 
     check_model_dir(cfg.model.hf_dir, "model.hf_dir")
+    if cfg.ops.backend == "triton":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("ops.backend=triton needs a CUDA GPU (Triton's interpreter is for tests); "
+                            "use ops.backend=auto or torch")
     if cfg.model.tokenizer_dir and not Path(cfg.model.tokenizer_dir).is_dir():
         raise UserError(f"model.tokenizer_dir={cfg.model.tokenizer_dir} does not exist")
     try:

@@ -37,6 +37,9 @@ def _train(task, out, *overrides):
     ("algo.lossy=grpo", "train: error: unknown config key 'algo.lossy'"),
     ("train.steps=ten", "train: error: train.steps: expected int, got 'ten'"),
     ("rollout.max_new_tokens=200", "train: error: data.max_prompt_tokens + rollout.max_new_tokens = 232 exceed"),
+    ("ops.backend=cuda", "train: error: ops.backend='cuda' is not one of ('auto', 'torch', 'triton')"),
+    pytest.param("ops.backend=triton", "train: error: ops.backend=triton needs a CUDA GPU",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")),
 ])
 def test_train_mistakes_are_one_line_before_any_rank(task, tmp_path, override, message):
     rc, lines, proc = _train(task, tmp_path / "run", override)

@@ -28,9 +28,10 @@ def _pass_hidden(self, input_, weight=None, runtime_gather_output=None):
 
 
 class OutputHead:
-    def __init__(self, gpt, *, fused: bool, vocab_size: int, tp_group, chunk_tokens: int = 2048):
+    def __init__(self, gpt, *, fused: bool, vocab_size: int, tp_group, chunk_tokens: int = 2048,
+                 backend: str = "auto"):
         self.gpt, self.fused, self.vocab_size, self.tp_group = gpt, fused, vocab_size, tp_group
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.backend = chunk_tokens, backend
         self.sequence_parallel = bool(getattr(gpt.config, "sequence_parallel", False))
         if fused and getattr(gpt, "post_process", False):
             gpt.output_layer.forward = types.MethodType(_pass_hidden, gpt.output_layer)
@@ -46,14 +47,14 @@ class OutputHead:
               temperature: float) -> TokenStats:
         """``out``: the model's output ``[b, s, V/tp]`` (logits) or ``[b, s, hidden]`` (fused)."""
         kw = dict(proxy=proxy, proxy_threshold=proxy_threshold, temperature=temperature, tp_group=self.tp_group,
-                  vocab_size=self.vocab_size)
+                  vocab_size=self.vocab_size, backend=self.backend)
         if self.fused:
             return fused_token_stats(out, self.weight().detach(), target, chunk_tokens=self.chunk_tokens, **kw)
         return token_stats(out, target, **kw)
 
     def logprob(self, out: torch.Tensor, target: torch.Tensor, *, temperature: float, with_entropy: bool):
         kw = dict(temperature=temperature, tp_group=self.tp_group, vocab_size=self.vocab_size,
-                  with_entropy=with_entropy)
+                  with_entropy=with_entropy, backend=self.backend)
         if self.fused:
             return fused_logprob(out, self.weight(), target, chunk_tokens=self.chunk_tokens,
                                  reduce_hidden_grad=not self.sequence_parallel, **kw)
@@ -76,7 +77,7 @@ class OutputHead:
                 out, self.weight(), target, loss_of, placeholder_logprob=old_logprob,
                 placeholder_entropy=old_entropy, temperature=temperature, tp_group=self.tp_group,
                 vocab_size=self.vocab_size, with_entropy=with_entropy, chunk_tokens=self.chunk_tokens,
-                reduce_hidden_grad=not self.sequence_parallel)
+                reduce_hidden_grad=not self.sequence_parallel, backend=self.backend)
             return loss, metrics
         if with_entropy:
             return loss_of(*self.logprob(out, target, temperature=temperature, with_entropy=True))

@@ -146,7 +146,7 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
     gpt = build_gpt(spec, params_dtype=dtype, **model_overrides(cfg.parallel))
     load_hf_weights(gpt, spec, HFShards(cfg.model.hf_dir).get)
     head = OutputHead(gpt, fused=cfg.model.fused_output, vocab_size=spec.vocab_size, tp_group=groups.tp,
-                      chunk_tokens=cfg.model.fused_chunk_tokens)
+                      chunk_tokens=cfg.model.fused_chunk_tokens, backend=cfg.ops.backend)
     examples = load_examples(cfg.data.train_path, tokenizer, prompt_key=cfg.data.prompt_key,
                              answer_key=cfg.data.answer_key, prompt_template=cfg.data.prompt_template,
                              max_prompt_tokens=cfg.data.max_prompt_tokens)
