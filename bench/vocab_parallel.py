@@ -79,7 +79,7 @@ class _Peak:
 # --------------------------------------------------------------------------- methods
 
 
-def _naive(logits, target):
+def naive_stats(logits, target):
     """The reference's dense path on the full row (TP=1)."""
     x = logits.float()
     logp = torch.log_softmax(x, dim=-1)
@@ -102,7 +102,7 @@ def _run_once(kind, logits, target, victim, leaf, group):
     if kind == "ours":
         token_stats(logits, target, proxy="minp", proxy_threshold=KAPPA, tp_group=group)
     elif kind == "naive":
-        _naive(logits, target)
+        naive_stats(logits, target)
     elif kind == "megatron":
         with torch.no_grad():
             vocab_parallel_cross_entropy(victim, target)
