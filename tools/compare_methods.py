@@ -8,11 +8,20 @@ one override list per method. Each method trains into ``<out>/<method>`` (an
 existing complete run is resumed, so an interrupted comparison continues where it
 stopped); then ``tools/plot_run.py`` draws ``<out>/comparison.png`` and the
 end-of-run table is written to ``<out>/summary.md``.
+
+With ``seeds: [1, 2, 3]`` in the spec every method runs once per seed
+(``train.seed``: sampling and initial state of the RL run; the warm start and data
+order stay those of the base config) into ``<out>/<method>/seed<k>``; the summary
+then gives each metric's end value (mean over the last 20% of its records) as mean,
+standard deviation and count over the seeds (``summary.md``, ``summary.json``), and
+the figure the mean over seeds with a +-1 std band. ``metrics:`` in the spec replaces
+the default list.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -23,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.plot_run import load, plot_bands, seed_summary  # noqa: E402
 from tools.plot_run import main as plot_main  # noqa: E402
 
 METRICS = ["reward/mean", "actor/entropy", "sparks/p_lt_0.1", "sparks/p_lt_0.01",
@@ -45,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default: the spec's out_dir")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps for every method")
     ap.add_argument("--methods", default=None, help="comma-separated subset")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the spec's")
     ap.add_argument("extra", nargs="*", help="key=value overrides for every method")
     a = ap.parse_args(argv)
     spec = load_spec(a.spec)
@@ -59,16 +70,31 @@ def main(argv=None) -> int:
     common = list(spec.get("common", [])) + list(a.extra)
     if a.steps is not None:
         common.append(f"train.steps={a.steps}")
+    seeds = spec.get("seeds") or [None]
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",")]
+        except ValueError:
+            raise SystemExit(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
+    if not all(s is None or isinstance(s, int) for s in seeds):
+        raise SystemExit(f"{a.spec}: seeds must be a list of integers")
+    metrics = spec.get("metrics", METRICS)
     for name, overrides in methods.items():
-        t = time.monotonic()
-        cmd = [sys.executable, "-m", "megatron_lpreg.train", "--config", str(spec["base"]), *common,
-               *overrides, f"train.out_dir={out / name}"]
-        print(f"[compare] {name}: {' '.join(overrides)}", flush=True)
-        rc = subprocess.call(cmd, cwd=ROOT)
-        if rc != 0:
-            print(f"[compare] {name} failed with exit code {rc}", file=sys.stderr)
-            return rc
-        print(f"[compare] {name} done in {time.monotonic() - t:.0f}s", flush=True)
+        for seed in seeds:
+            run_dir = out / name if seed is None else out / name / f"seed{seed}"
+            extra = [] if seed is None else [f"train.seed={seed}"]
+            t = time.monotonic()
+            cmd = [sys.executable, "-m", "megatron_lpreg.train", "--config", str(spec["base"]), *common,
+                   *overrides, *extra, f"train.out_dir={run_dir}"]
+            label = name if seed is None else f"{name} seed {seed}"
+            print(f"[compare] {label}: {' '.join(overrides + extra)}", flush=True)
+            rc = subprocess.call(cmd, cwd=ROOT)
+            if rc != 0:
+                print(f"[compare] {label} failed with exit code {rc}", file=sys.stderr)
+                return rc
+            print(f"[compare] {label} done in {time.monotonic() - t:.0f}s", flush=True)
+    if seeds != [None]:
+        return summarize_seeds(out, list(spec["methods"]), seeds, metrics)
     # plot every method of the spec that has results, not only the ones run now
     done = [m for m in spec["methods"] if (out / m / "metrics.jsonl").exists()]
     runs = [str(out / m) for m in done]
@@ -79,9 +105,31 @@ def main(argv=None) -> int:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         plot_main([*runs, "--labels", *done, "--out", str(out / "comparison.png"), "--summary",
-                   "--metrics", *METRICS])
+                   "--metrics", *metrics])
     summary.write_text(buf.getvalue())
     print(buf.getvalue())
+    return 0
+
+
+def summarize_seeds(out: Path, methods: list[str], seeds: list[int], metrics: list[str]) -> int:
+    """``summary.md`` / ``summary.json`` (mean, std, n over seeds) and ``comparison.png``
+    (bands) from every method and seed that has results."""
+    groups = {}
+    for m in methods:
+        runs = [load(out / m / f"seed{s}") for s in seeds if (out / m / f"seed{s}" / "metrics.jsonl").exists()]
+        if runs:
+            groups[m] = runs
+    if not groups:
+        print(f"[compare] no results under {out}", file=sys.stderr)
+        return 1
+    rows = seed_summary(groups, metrics)
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| method | metric | end value, mean | std | seeds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['metric']} | {r['mean']:.4f} | {r['std']:.4f} | {r['n']} |" for r in rows]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    plot_bands(groups, metrics, out / "comparison.png")
+    print("\n".join(lines))
+    print(f"plot: {out / 'comparison.png'}")
     return 0
 
 

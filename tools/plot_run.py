@@ -100,6 +100,64 @@ def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path, k: int) -> 
     plt.close(fig)
 
 
+def seed_summary(groups: dict[str, list[list[dict]]], metrics: list[str], tail: float = 0.2) -> list[dict]:
+    """Per label and metric: the mean over the last ``tail`` of each run's records of it,
+    then mean, standard deviation (n-1) and count over the runs (seeds) of the label."""
+    out = []
+    for label, runs in groups.items():
+        for m in metrics:
+            ends = []
+            for rows in runs:
+                _, v = series(rows, m)
+                if v:
+                    w = max(1, round(len(v) * tail))
+                    ends.append(sum(v[-w:]) / w)
+            if ends:
+                mean = sum(ends) / len(ends)
+                std = math.sqrt(sum((e - mean) ** 2 for e in ends) / (len(ends) - 1)) if len(ends) > 1 else float("nan")
+                out.append({"label": label, "metric": m, "mean": mean, "std": std, "n": len(ends), "values": ends})
+    return out
+
+
+def plot_bands(groups: dict[str, list[list[dict]]], metrics: list[str], out: Path) -> None:
+    """One panel per metric; per label the mean over its runs at each step recorded by
+    all of them, with a +-1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [m for m in metrics if any(series(r, m)[1] for runs in groups.values() for r in runs)]
+    if not present:
+        raise SystemExit(f"none of {metrics} is in the metrics")
+    cols = 2 if len(present) > 1 else 1
+    rows_n = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, m in zip(axes.flat, present, strict=False):
+        for i, (label, runs) in enumerate(groups.items()):
+            per_run = [dict(zip(*series(r, m), strict=True)) for r in runs]
+            steps = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+            if not steps:
+                continue
+            vals = [[d[s] for d in per_run] for s in steps]
+            mean = [sum(v) / len(v) for v in vals]
+            std = [math.sqrt(sum((x - mu) ** 2 for x in v) / max(len(v) - 1, 1)) for v, mu in zip(vals, mean, strict=True)]
+            color = f"C{i}"
+            ax.plot(steps, mean, color=color, label=f"{label} (n={len(runs)})", linewidth=1.4)
+            ax.fill_between(steps, [a - b for a, b in zip(mean, std, strict=True)],
+                            [a + b for a, b in zip(mean, std, strict=True)], color=color, alpha=0.2)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl files)")

@@ -55,7 +55,7 @@ def eval_prompts(cfg, tokenizer, n: int):
     for name in benchmark_names(cfg.eval.benchmarks):
         temperature, top_p, k = benchmark_sampling(cfg.eval, name)
         for p in load_benchmark(find_file(cfg.eval.data_dir, name), BENCHMARKS[name], limit=n):
-            text = benchmark_prompt(p.problem)
+            text = benchmark_prompt(p.problem, BENCHMARKS[name])
             yield {"benchmark": name, "prompt_text": render_prompt(tokenizer, text, cfg.data.prompt_template),
                    "prompt_ids": encode_prompt(tokenizer, text, template=cfg.data.prompt_template, max_tokens=1 << 30),
                    "answer": p.answer, "temperature": temperature, "top_p": top_p, "k": k,

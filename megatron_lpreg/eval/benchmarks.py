@@ -8,6 +8,7 @@
 | minerva       | question, answer (math-ai/minervamath)     |
 | olympiadbench | question, final_answer (a list of LaTeX)   |
 | amc           | problem, answer (AI-MO/aimo-validation-amc: a float such as 142.0) |
+| coins_heldout | prompt (chat), reward_model.ground_truth (tools/make_coin_task.py; no instruction added) |
 
 Field names can be overridden per benchmark (``problem_key`` / ``answer_key``,
 dotted paths), so DAPO-style rows (``prompt`` chat + ``reward_model.ground_truth``)
@@ -30,6 +31,7 @@ class BenchmarkSpec:
     title: str  # the paper's column name
     problem_key: str
     answer_key: str
+    instruction: bool = True  # append INSTRUCTION to the problem (not for a task with its own format)
 
 
 BENCHMARKS = {
@@ -39,6 +41,9 @@ BENCHMARKS = {
     "minerva": BenchmarkSpec("minerva", "Minerva", "question", "answer"),
     "olympiadbench": BenchmarkSpec("olympiadbench", "OlympiadBench", "question", "final_answer"),
     "amc": BenchmarkSpec("amc", "AMC", "problem", "answer"),
+    # the coin task's held-out problems (megatron_lpreg/data/coin_task.py), in the training layout
+    "coins_heldout": BenchmarkSpec("coins_heldout", "Coins (held-out)", "prompt", "reward_model.ground_truth",
+                                   instruction=False),
 }
 # the paper's table: its five columns and their average
 PAPER_BENCHMARKS = ("aime24", "aime25", "math500", "minerva", "olympiadbench")

@@ -16,6 +16,7 @@ from megatron_lpreg.eval.benchmarks import (
     INSTRUCTION,
     PAPER_AVERAGES,
     PAPER_BENCHMARKS,
+    BenchmarkSpec,
     find_file,
     load_benchmark,
 )
@@ -46,8 +47,10 @@ def benchmark_sampling(ecfg: EvalConfig, name: str) -> tuple[float, float, int]:
             ecfg.k if o.k is None else o.k)
 
 
-def benchmark_prompt(problem: str) -> str:
+def benchmark_prompt(problem: str, spec: BenchmarkSpec | None = None) -> str:
     """The user message of an evaluation problem; the run's template wraps it."""
+    if spec is not None and not spec.instruction:
+        return problem
     return f"{problem}\n{INSTRUCTION}"
 
 
@@ -66,7 +69,7 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
         spec = BENCHMARKS[name]
         temperature, top_p, k = benchmark_sampling(ecfg, name)
         problems = load_benchmark(find_file(ecfg.data_dir, name), spec, limit=ecfg.limit or None)
-        full = [encode_prompt(tokenizer, benchmark_prompt(p.problem), template=prompt_template, max_tokens=1 << 30)
+        full = [encode_prompt(tokenizer, benchmark_prompt(p.problem, spec), template=prompt_template, max_tokens=1 << 30)
                 for p in problems]
         # left truncation keeps the question's end and the generation prompt; counted, not silent
         prompts = [ids[-max_prompt_tokens:] for ids in full]
@@ -81,8 +84,11 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
             scores = [g.score for g in pool.score(texts, truths)]
         scores = broadcast_object(scores)
         per_problem = [[] for _ in problems]
-        for i, s in zip(batch.prompt_index, scores, strict=True):
+        firsts = [set() for _ in problems]
+        for i, s, r in zip(batch.prompt_index, scores, batch.responses, strict=True):
             per_problem[i].append(s)
+            if len(r):
+                firsts[i].add(int(r[0]))
         results[name] = {
             "avg@k": 100 * avg_at_k(per_problem),
             "pass@k": 100 * mean_pass_at_k(per_problem, k),
@@ -94,6 +100,8 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
             "max_new_tokens": max_new_tokens,
             "truncated_prompts": truncated,
             "truncated_responses": sum(f == "length" for f in batch.finish_reasons),
+            # how many ways a problem's samples begin: in the coin task, its strategies
+            "distinct_first_tokens": sum(len(f) for f in firsts) / len(problems),
         }
     if results:
         in_average = [n for n in results if n in PAPER_BENCHMARKS] or list(results)

@@ -45,7 +45,7 @@ from megatron_lpreg.trainer.batching import (
 from megatron_lpreg.trainer.head import OutputHead
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
 from megatron_lpreg.trainer.memory import estimate
-from megatron_lpreg.trainer.metrics import MetricsWriter, response_token_stats
+from megatron_lpreg.trainer.metrics import MetricsWriter, precondition_stats, response_token_stats
 from megatron_lpreg.trainer.optim import make_optimizer, set_lr
 from megatron_lpreg.trainer.parallelize import model_overrides, wrap_ddp
 from megatron_lpreg.trainer.reference_batching import uses_reference_batching
@@ -261,7 +261,8 @@ def evaluate_if_due(t: Trainer, timing: dict) -> dict:
                        max_prompt_tokens=min(max_prompt, cfg.data.max_prompt_tokens), max_new_tokens=max_new,
                        prompt_template=cfg.data.prompt_template, stop_ids=t.stop_ids, seed=cfg.train.seed)
         t.engine.sleep()
-    out = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average" for m in ("avg@k", "pass@k")}
+    out = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average"
+           for m in ("avg@k", "pass@k", "distinct_first_tokens")}
     out["eval/average"] = res.get("average", float("nan"))
     return out
 
@@ -294,6 +295,10 @@ def step_record(t: Trainer, samples: StepSamples, batch: UpdateBatch, updates: l
         rec["sparks/p_lt_0.01"] = st["spark_p_lt_0.01"] / n
         rec["rollout/mismatch_abs_mean"] = st["mismatch_abs"] / n
         rec["rollout/mismatch_gt_0.1"] = st["mismatch_gt_0.1"] / n
+        pre = precondition_stats(batch.old_logprob, batch.proxy_logprob, batch.advantages, batch.seqs.mask,
+                                 neg_percent=t.cfg.algo.neg_percent, group=t.groups.dp)
+        rec["sparks/in_proxy_lt_0.1"] = pre["in_proxy_lt_0.1"] / n
+        rec["sparks/lowest_neg_in_proxy"] = pre["lowest_neg_in_proxy"] / max(pre["lowest_neg"], 1.0)
     for key in updates[0] if updates else ():
         vals = [r[key] for r in updates if isinstance(r.get(key), (int, float))]
         if vals:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.collectives import all_reduce_host
+from megatron_lpreg.ops.vocab_parallel import PROXY_SENTINEL
 
 
 def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, rollout_logprob: torch.Tensor,
@@ -36,6 +37,32 @@ def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, r
     if group is not None:
         all_reduce_host(t, dist.ReduceOp.SUM, group)
     return dict(zip(sums, t.tolist(), strict=True))
+
+
+def precondition_stats(old_logprob: torch.Tensor, proxy_logprob: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, *, neg_percent: float, group=None) -> dict[str, float]:
+    """Whether Lp-Reg's precondition holds in this step's samples (``[N, L]`` tensors of
+    this rank's rows; sums over ``group``, the data-parallel group, whose every rank must
+    call), measured the same way whatever the method:
+
+    * ``in_proxy_lt_0.1``: sampled tokens inside the proxy (``min-p``/``fixed``: a proxy
+      log-prob above the op's sentinel) with p < 0.1, the low-probability tokens the
+      regulariser can protect;
+    * ``lowest_neg`` / ``lowest_neg_in_proxy``: the ``neg_percent`` negative-advantage
+      tokens of lowest old log-prob over the whole step (as ``global`` selection picks
+      them), and how many of them lie inside the proxy (the ones Lp-Reg regularises).
+    """
+    from megatron_lpreg.loss.lp_reg import global_thresholds
+
+    m = mask > 0
+    inside = proxy_logprob > PROXY_SENTINEL / 2
+    thr, _ = global_thresholds([old_logprob], [advantages], [mask], neg_percent=neg_percent, group=group)
+    lowest = m & (advantages < 0) & (old_logprob <= thr) if thr is not None else torch.zeros_like(m)
+    t = torch.stack([(m & inside & (old_logprob < math.log(0.1))).sum(), lowest.sum(), (lowest & inside).sum()])
+    t = t.double()
+    if group is not None:
+        all_reduce_host(t, dist.ReduceOp.SUM, group)
+    return dict(zip(("in_proxy_lt_0.1", "lowest_neg", "lowest_neg_in_proxy"), t.tolist(), strict=True))
 
 
 class MetricsWriter:

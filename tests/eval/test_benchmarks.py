@@ -98,6 +98,8 @@ def test_evaluate_arithmetic_with_scripted_answers():
     r = res["aime25"]
     assert math.isclose(r["avg@k"], 100 * (3 / 4 + 0) / 2)
     assert math.isclose(r["pass@k"], 50.0) and math.isclose(r["pass@1"], 37.5)
+    # first characters: problem 0 "\\", "\\", "s", "\\" and problem 1 "\\", "n", "\\", "\\": 2 kinds each
+    assert math.isclose(r["distinct_first_tokens"], (2 + 2) / 2)
     assert math.isclose(res["average"], r["avg@k"])
     assert "| AIME24 | AIME25 | MATH-500 | Minerva | OlympiadBench | Avg. |" in md.replace("model / method ", "")
     assert "paper: Qwen3-14B on-policy Lp-Reg" in md and "60.17" in md
