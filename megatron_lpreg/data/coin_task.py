@@ -195,7 +195,7 @@ def warm_start(model_dir: Path, rows: list[dict], *, steps: int, lr: float, batc
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"[coin-task] warm start {step + 1}/{steps} loss {losses[-1]:.4f}")
     model.save_pretrained(model_dir, safe_serialization=True)

@@ -31,3 +31,33 @@ def test_short_comparison(tmp_path):
     table = (out / "summary.md").read_text()
     for m in methods:
         assert f"| {m} | reward/mean |" in table
+
+
+def test_coin_study_smoke(tmp_path):
+    """The issue-17 study's spec, 2 steps, 2 methods x 2 seeds, on a coin task with a
+    token warm start: every run records the precondition and held-out metrics, and the
+    summary gives mean and std over the seeds."""
+    import json
+
+    from megatron_lpreg.data.coin_task import write_task as write_coin_task
+    from tools.compare_methods import main
+
+    task = write_coin_task(tmp_path / "coins", train_rows=100, warm_steps=10, warm_batch=8, log=lambda *_: None)
+    out = tmp_path / "study"
+    rc = main(["--spec", str(ROOT / "examples" / "compare_coin_cpu.yaml"), "--out", str(out), "--steps", "2",
+               "--methods", "grpo,lp_reg", "--seeds", "1,2", f"model.hf_dir={task / 'model'}",
+               f"data.train_path={task / 'train.jsonl'}", f"eval.data_dir={task}", "eval.every_n_steps=2",
+               "eval.k=2", "eval.limit=4", "rollout.prompts_per_step=8", "rollout.n=4", "reward.workers=1",
+               "train.save_every=2"])
+    assert rc == 0
+    for m in ("grpo", "lp_reg"):
+        for seed in (1, 2):
+            recs = metrics(out / m / f"seed{seed}")
+            assert [r["step"] for r in recs] == [1, 2]
+            assert all("sparks/in_proxy_lt_0.1" in r and "sparks/lowest_neg_in_proxy" in r for r in recs)
+            assert "eval/coins_heldout/pass@k" in recs[-1] and "eval/coins_heldout/distinct_first_tokens" in recs[-1]
+    rows = {(r["label"], r["metric"]): r for r in json.loads((out / "summary.json").read_text())}
+    r = rows[("grpo", "reward/mean")]
+    assert r["n"] == 2 and len(r["values"]) == 2 and abs(r["mean"] - sum(r["values"]) / 2) < 1e-12
+    assert ("lp_reg", "actor/lp_reg/regularised_share") in rows
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
