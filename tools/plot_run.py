@@ -68,18 +68,34 @@ def summary_rows(runs: dict[str, list[dict]], metrics: list[str], window: int) -
     return out
 
 
-def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path, k: int) -> None:
+def _panels(metrics: list[str], runs: list[list[dict]]):
+    """``(plt, fig, axes, present)``: one panel per metric that some run records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = [m for m in metrics if any(series(r, m)[1] for r in runs.values())]
+    present = [m for m in metrics if any(series(r, m)[1] for r in runs)]
     if not present:
         raise SystemExit(f"none of {metrics} is in the metrics")
     cols = 2 if len(present) > 1 else 1
     rows_n = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.2 * rows_n), squeeze=False)
+    return plt, fig, axes, present
+
+
+def _save(plt, fig, axes, n_used: int, out: Path, legend_size=None) -> None:
+    for ax in list(axes.flat)[n_used:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=legend_size)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path, k: int) -> None:
+    plt, fig, axes, present = _panels(metrics, list(runs.values()))
     for ax, m in zip(axes.flat, present, strict=False):
         for i, (label, rows) in enumerate(runs.items()):
             s, v = series(rows, m)
@@ -91,13 +107,7 @@ def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path, k: int) -> 
         ax.set_title(m)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(present):]:
-        ax.axis("off")
-    axes.flat[0].legend()
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, axes, len(present), out)
 
 
 def seed_summary(groups: dict[str, list[list[dict]]], metrics: list[str], tail: float = 0.2) -> list[dict]:
@@ -122,17 +132,7 @@ def seed_summary(groups: dict[str, list[list[dict]]], metrics: list[str], tail: 
 def plot_bands(groups: dict[str, list[list[dict]]], metrics: list[str], out: Path) -> None:
     """One panel per metric; per label the mean over its runs at each step recorded by
     all of them, with a +-1 std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    present = [m for m in metrics if any(series(r, m)[1] for runs in groups.values() for r in runs)]
-    if not present:
-        raise SystemExit(f"none of {metrics} is in the metrics")
-    cols = 2 if len(present) > 1 else 1
-    rows_n = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 3.2 * rows_n), squeeze=False)
+    plt, fig, axes, present = _panels(metrics, [r for runs in groups.values() for r in runs])
     for ax, m in zip(axes.flat, present, strict=False):
         for i, (label, runs) in enumerate(groups.items()):
             per_run = [dict(zip(*series(r, m), strict=True)) for r in runs]
@@ -149,13 +149,7 @@ def plot_bands(groups: dict[str, list[list[dict]]], metrics: list[str], out: Pat
         ax.set_title(m)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(present):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, axes, len(present), out, legend_size=7)
 
 
 def main(argv=None) -> int:
