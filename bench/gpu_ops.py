@@ -82,8 +82,9 @@ def timed(fn, dev: torch.device, repeats: int) -> dict:
 
 def _bandwidth(r: dict, bytes_moved: int, peak_gbs: float | None) -> dict:
     gbs = bytes_moved / r["seconds"] / 1e9
-    return {**r, "min_bytes": bytes_moved, "effective_gbs": round(gbs, 1),
-            "share_of_peak": round(gbs / peak_gbs, 3) if peak_gbs else None}
+    # four significant digits: tiny CPU checks move kilobytes, a GPU hundreds of GB/s
+    return {**r, "min_bytes": bytes_moved, "effective_gbs": float(f"{gbs:.4g}"),
+            "share_of_peak": float(f"{gbs / peak_gbs:.4g}") if peak_gbs else None}
 
 
 def _fits(dev: torch.device, need_bytes: int) -> bool:
