@@ -55,6 +55,23 @@ def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str
     return est.clamp(-10.0, 10.0)
 
 
+def kl_pull(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """``-d kl_estimate / d log_prob`` per token: how hard the estimate pulls a token's
+    log-prob up (k3: ``pi_ref / pi - 1``); zero where the [-10, 10] clamp holds."""
+    d = ref_log_prob - log_prob
+    if kl_type == "low_var_kl":
+        est, pull = torch.exp(d) - d - 1, torch.exp(d) - 1
+    elif kl_type == "kl":
+        est, pull = -d, -torch.ones_like(d)
+    elif kl_type == "abs":
+        est, pull = d.abs(), torch.sign(d)
+    elif kl_type == "mse":
+        est, pull = 0.5 * d.square(), d
+    else:
+        raise ValueError(f"kl_type={kl_type!r} is not one of {KL_TYPES}")
+    return torch.where((est > -10.0) & (est < 10.0), pull, torch.zeros_like(pull))
+
+
 def select_lowest(log_prob: torch.Tensor, candidates: torch.Tensor, percent: float) -> torch.Tensor:
     """Bool ``[B, T]``: the ``k = max(1, int(n * percent))`` candidates of lowest log-prob,
     or nothing when ``k <= 1`` (the reference's quirk)."""
@@ -165,11 +182,16 @@ def lp_reg_loss(
     with torch.no_grad():
         n_valid = int(mask.sum())
         n_reg = int(regularised.sum())
+        # the regulariser's pull on a token's log-prob, -d(beta KL)/d(log pi) (k3: beta (pi_proxy/pi - 1);
+        # zero where the clamp holds), beside the advantage the policy gradient pushes with
+        pull = kl_coef * kl_pull(log_prob.detach()[regularised], safe_proxy[regularised], kl_type)
         metrics = {
             "pg_clipfrac": float((clipped & mask).sum()) / max(n_valid, 1),
             "lp_reg/selected_tokens": int(selected.sum()),
             "lp_reg/regularised_tokens": n_reg,
             "lp_reg/regularised_share": n_reg / max(n_valid, 1),
             "lp_reg/kl_on_regularised": float(kl[regularised].mean()) if n_reg else 0.0,
+            "lp_reg/pull_sum": float(pull.sum()),
+            "lp_reg/adv_abs_on_regularised_sum": float(advantages.detach()[regularised].abs().sum()),
         }
     return loss, entropy_metric(metrics, entropy, response_mask)

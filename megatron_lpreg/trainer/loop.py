@@ -299,7 +299,21 @@ def step_record(t: Trainer, samples: StepSamples, batch: UpdateBatch, updates: l
                                  neg_percent=t.cfg.algo.neg_percent, group=t.groups.dp)
         rec["sparks/in_proxy_lt_0.1"] = pre["in_proxy_lt_0.1"] / n
         rec["sparks/lowest_neg_in_proxy"] = pre["lowest_neg_in_proxy"] / max(pre["lowest_neg"], 1.0)
+    def total(key):
+        return sum(r.get(key, 0.0) for r in updates)
+
+    if updates and "lp_reg/selected_tokens" in updates[0]:
+        # over the step's mini-batches: what share of the selection Lp-Reg regularised, and how
+        # hard it pulled those tokens up against the advantage pushing them down
+        n_reg, n_sel = total("lp_reg/regularised_tokens"), total("lp_reg/selected_tokens")
+        if n_sel:
+            rec["actor/lp_reg/regularised_of_selected"] = n_reg / n_sel
+        if n_reg:
+            rec["actor/lp_reg/pull_mean"] = total("lp_reg/pull_sum") / n_reg
+            rec["actor/lp_reg/adv_abs_on_regularised"] = total("lp_reg/adv_abs_on_regularised_sum") / n_reg
     for key in updates[0] if updates else ():
+        if key.endswith("_sum"):
+            continue
         vals = [r[key] for r in updates if isinstance(r.get(key), (int, float))]
         if vals:
             # the losses' own "entropy" is over their loss mask (80/20: the top 20% only);

@@ -203,6 +203,12 @@ def _zero_grads(model, optimizer) -> None:
     optimizer.zero_grad()
 
 
+def _additive(key: str) -> bool:
+    """Counts (``*_tokens``) and sums (``*_sum``) add up over micro-batches and ranks; the
+    rest are means, weighted by units."""
+    return key.endswith(("_tokens", "_sum")) or key == "units"
+
+
 def _merge(infos: list[dict]) -> dict:
     """Micro-batch metrics -> one record, weighted by each micro-batch's units."""
     if not infos:
@@ -211,7 +217,7 @@ def _merge(infos: list[dict]) -> dict:
     out: dict = {}
     for key in infos[0]:
         vals = [i[key] for i in infos if key in i]
-        if key.endswith("_tokens") or key == "units":
+        if _additive(key):
             out[key] = sum(vals)
         else:
             out[key] = sum(v * i["units"] for v, i in zip(vals, infos, strict=False)) / total
@@ -227,10 +233,9 @@ def _reduce_over_dp(record: dict, groups) -> dict:
         return record
     keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)))
     u = record["units"]
-    t = torch.tensor([record[k] if k.endswith("_tokens") or k == "units" else record[k] * u for k in keys],
-                     dtype=torch.float64)
+    t = torch.tensor([record[k] if _additive(k) else record[k] * u for k in keys], dtype=torch.float64)
     all_reduce_host(t, dist.ReduceOp.SUM, groups.dp)
     total = t[keys.index("units")].item() or 1.0
-    out = {k: (v if k.endswith("_tokens") else v / total) for k, v in zip(keys, t.tolist(), strict=True)
+    out = {k: (v if _additive(k) else v / total) for k, v in zip(keys, t.tolist(), strict=True)
            if k != "units"}
     return out

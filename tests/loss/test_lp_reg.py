@@ -189,3 +189,34 @@ def test_tis_weights_scale_each_token_and_registry_names():
     assert loss_spec("lp_reg").fn is lp_reg_loss and loss_spec("lp_reg").needs_proxy
     with pytest.raises(ValueError, match="registered"):
         loss_spec("nope")
+
+
+@pytest.mark.parametrize("kl_type", ["low_var_kl", "kl", "abs", "mse"])
+def test_kl_pull_is_minus_the_estimates_gradient_clamp_included(kl_type):
+    from megatron_lpreg.loss.lp_reg import kl_estimate, kl_pull
+
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(400, generator=g, dtype=torch.float64) * 12  # d up to ~12: k3 past its clamp
+    ref = -torch.rand(400, generator=g, dtype=torch.float64) * 12
+    x = lp.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(kl_estimate(x, ref, kl_type).sum(), x)
+    torch.testing.assert_close(kl_pull(lp, ref, kl_type), -grad, rtol=0, atol=1e-12)
+    if kl_type == "low_var_kl":
+        assert (kl_pull(lp, ref, kl_type) == 0).any()  # the clamp holds somewhere: no pull there
+
+
+def test_pull_and_advantage_metrics_sum_over_the_regularised_tokens():
+    """``pull_sum``: the regulariser's upward pull (beta (pi_proxy / pi - 1) for k3) summed
+    over exactly the tokens the transcription regularises; ``adv_abs..._sum`` their |A|."""
+    lp, old, px, adv, mask = _batch(seed=4, B=10, T=40)
+    loss, m = lp_reg_loss(lp, old, px, adv, mask, neg_percent=0.1, kl_coef=0.7)
+    valid = mask > 0
+    neg = valid & (adv < 0)
+    k = int(int(neg.sum()) * 0.1)
+    lowest = lp[neg].sort().values[k - 1]
+    reg = neg & (lp <= lowest) & (lp < px)
+    assert int(reg.sum()) == m["lp_reg/regularised_tokens"] > 0
+    d = px - lp
+    pull = 0.7 * torch.where(torch.exp(d) - d - 1 < 10, torch.exp(d) - 1, torch.zeros_like(d))  # none past the clamp
+    assert math.isclose(m["lp_reg/pull_sum"], float(pull[reg].sum()), rel_tol=1e-9)
+    assert math.isclose(m["lp_reg/adv_abs_on_regularised_sum"], float(adv[reg].abs().sum()), rel_tol=1e-9)
