@@ -148,6 +148,9 @@ class RewardConfig:
     # boxed: only the last \boxed{} counts (the reference's grader); any: \boxed{}, else a
     # final "Answer: X" line (DAPO-Math's own format), else a "final answer"/"the answer is" line
     answer_format: str = "any"
+    # math: the answer graded by math-verify (in answer_format); coins: the coin task's
+    # verifier (megatron_lpreg/data/coin_task.py: the coins paid, not only the count)
+    grader: str = "math"
     # DAPO's overlong penalty: 0 up to rollout.max_new_tokens - buffer, then linear down to
     # -overlong_penalty at the limit (added after grading); 0 tokens: off
     overlong_buffer_tokens: int = 0
@@ -345,6 +348,7 @@ def validate(cfg: RunConfig) -> None:
     from megatron_lpreg.manifest import VERIFY_MODES
     from megatron_lpreg.ops.vocab_parallel import BACKENDS
     from megatron_lpreg.reward.extract import ANSWER_FORMATS
+    from megatron_lpreg.reward.pool import GRADERS
 
     a = cfg.algo
     if a.entropy_control == "aer":
@@ -364,6 +368,7 @@ def validate(cfg: RunConfig) -> None:
          f"data.prompt_template={cfg.data.prompt_template!r} is not one of {TEMPLATES}"),
         (cfg.reward.answer_format in ANSWER_FORMATS,
          f"reward.answer_format={cfg.reward.answer_format!r} is not one of {ANSWER_FORMATS}"),
+        (cfg.reward.grader in GRADERS, f"reward.grader={cfg.reward.grader!r} is not one of {GRADERS}"),
         (cfg.eval.max_new_tokens >= 0, "eval.max_new_tokens must be >= 0 (0: rollout.max_new_tokens)"),
         (0 < a.high_entropy_fraction <= 1, "algo.high_entropy_fraction must be in (0, 1]"),
         (a.entropy_control in ENTROPY_CONTROLS,

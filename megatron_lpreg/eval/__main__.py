@@ -23,6 +23,7 @@ from megatron_lpreg.eval.run import DEFAULT_MAX_NEW_TOKENS
 from megatron_lpreg.job import finish_job, init_job, relaunch_under_torchrun, report_failure
 from megatron_lpreg.preflight import UserError
 from megatron_lpreg.reward.extract import ANSWER_FORMATS
+from megatron_lpreg.reward.pool import GRADERS
 
 DEFAULT_BENCHMARKS = "aime24,aime25,math500,minerva,olympiadbench"
 
@@ -52,6 +53,8 @@ def parse_args(argv=None):
                     help="default: the run's data.prompt_template, else chat")
     ap.add_argument("--answer-format", choices=ANSWER_FORMATS, default=None,
                     help="default: the run's reward.answer_format, else any")
+    ap.add_argument("--grader", choices=GRADERS, default=None,
+                    help="default: the run's reward.grader, else math (coins: the coin task's verifier)")
     ap.add_argument("--limit", type=int, default=0, help="problems per benchmark (0: all)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--engine", choices=["vllm", "torch"], default="vllm")
@@ -91,8 +94,8 @@ def parse_sample(text: str) -> dict:
 
 
 def eval_settings(a, run):
-    """(EvalConfig, prompt template, answer format): the command line over the run's config
-    over the defaults."""
+    """(EvalConfig, prompt template, (grader, answer format)): the command line over the
+    run's config over the defaults."""
     from megatron_lpreg.config import EvalConfig, _apply, eval_max_new_tokens
 
     ecfg = EvalConfig(**vars(run.eval)) if run is not None else EvalConfig()
@@ -112,7 +115,8 @@ def eval_settings(a, run):
         raise UserError("no benchmark directory: pass --data-dir (or set eval.data_dir in the run's config)")
     template = a.prompt_template or (run.data.prompt_template if run else "chat")
     answer_format = a.answer_format or (run.reward.answer_format if run else "any")
-    return ecfg, template, answer_format
+    grader = a.grader or (run.reward.grader if run else "math")
+    return ecfg, template, (grader, answer_format)
 
 
 def checkpoint_kind(ckpt: Path) -> str:
@@ -160,7 +164,7 @@ def prepare(a):
     except UnsupportedConfig as e:
         raise UserError(f"{hf_dir}: {e}") from None
     check_layout(spec, a.tp, 1, int(os.environ.get("WORLD_SIZE", a.tp)))
-    ecfg, template, answer_format = eval_settings(a, run)
+    ecfg, template, grading = eval_settings(a, run)
     if spec.max_position_embeddings - ecfg.max_new_tokens < 1:
         raise UserError(f"max new tokens {ecfg.max_new_tokens} leave no room for a prompt in the model's "
                         f"{spec.max_position_embeddings}-token context")
@@ -169,7 +173,7 @@ def prepare(a):
             find_file(ecfg.data_dir, name)
     except (DataError, ValueError) as e:
         raise UserError(str(e)) from None
-    return ckpt, hf_dir, spec, ecfg, template, answer_format
+    return ckpt, hf_dir, spec, ecfg, template, grading
 
 
 def main(argv=None) -> int:
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
     from megatron_lpreg.config import ConfigError
 
     try:
-        ckpt, hf_dir, spec, ecfg, template, answer_format = prepare(a)
+        ckpt, hf_dir, spec, ecfg, template, grading = prepare(a)
     except (UserError, ConfigError, OSError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"eval: error: {e}", file=sys.stderr)
@@ -189,14 +193,14 @@ def main(argv=None) -> int:
         return rc
     groups = init_job(a.tp)
     try:
-        evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, answer_format)
+        evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, grading)
     except Exception as e:  # noqa: BLE001 - reported once, traceback in <out>.errors/
         return report_failure("eval", e, errors)
     finish_job()
     return 0
 
 
-def evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, answer_format) -> None:
+def evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, grading) -> None:
     import torch
     import torch.distributed as dist
     import transformers
@@ -206,7 +210,7 @@ def evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, answer_form
     from megatron_lpreg.data.template import end_token_ids
     from megatron_lpreg.eval.run import evaluate, write_report
     from megatron_lpreg.model.builder import build_gpt
-    from megatron_lpreg.reward.pool import VerifierPool
+    from megatron_lpreg.reward.pool import VerifierPool, grader_function
     from megatron_lpreg.rollout.factory import make_engine
     from megatron_lpreg.rollout.weight_sync import WeightSync
 
@@ -221,7 +225,7 @@ def evaluate_in_ranks(a, groups, ckpt, hf_dir, spec, ecfg, template, answer_form
     cfg.parallel.tp, cfg.rollout.engine = a.tp, a.engine
     engine = make_engine(cfg, gpt, spec)
     WeightSync(gpt, spec, engine, groups=groups).sync(0)
-    pool = VerifierPool(2, answer_format=answer_format) if dist.get_rank() == 0 else None
+    pool = VerifierPool(2, grade_fn=grader_function(*grading)) if dist.get_rank() == 0 else None
     try:
         max_prompt = min(a.max_prompt_tokens, spec.max_position_embeddings - ecfg.max_new_tokens)
         results = evaluate(engine, tokenizer, ecfg, pool, version=0, max_prompt_tokens=max_prompt,

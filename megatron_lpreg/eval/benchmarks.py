@@ -17,9 +17,11 @@ work too. Nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_lpreg.data.coin_task import strategy_of as coin_strategy
 from megatron_lpreg.data.prompts import DataError, get_path, read_rows
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -32,6 +34,9 @@ class BenchmarkSpec:
     problem_key: str
     answer_key: str
     instruction: bool = True  # append INSTRUCTION to the problem (not for a task with its own format)
+    # (problem text, response text) -> the solution strategy's name, or None when it has none;
+    # given for a task whose strategies are known, so that evaluation counts them per problem
+    strategy: Callable[[str, str], str | None] | None = None
 
 
 BENCHMARKS = {
@@ -43,7 +48,7 @@ BENCHMARKS = {
     "amc": BenchmarkSpec("amc", "AMC", "problem", "answer"),
     # the coin task's held-out problems (megatron_lpreg/data/coin_task.py), in the training layout
     "coins_heldout": BenchmarkSpec("coins_heldout", "Coins (held-out)", "prompt", "reward_model.ground_truth",
-                                   instruction=False),
+                                   instruction=False, strategy=coin_strategy),
 }
 # the paper's table: its five columns and their average
 PAPER_BENCHMARKS = ("aime24", "aime25", "math500", "minerva", "olympiadbench")

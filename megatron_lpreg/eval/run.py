@@ -89,6 +89,14 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
             per_problem[i].append(s)
             if len(r):
                 firsts[i].add(int(r[0]))
+        strategies = None
+        if spec.strategy is not None:
+            found = [set() for _ in problems]
+            for i, r in zip(batch.prompt_index, batch.responses, strict=True):
+                strategy = spec.strategy(problems[i].problem, tokenizer.decode(r, skip_special_tokens=True))
+                if strategy is not None:
+                    found[i].add(strategy)
+            strategies = sum(len(f) for f in found) / len(problems)
         results[name] = {
             "avg@k": 100 * avg_at_k(per_problem),
             "pass@k": 100 * mean_pass_at_k(per_problem, k),
@@ -100,9 +108,11 @@ def evaluate(engine, tokenizer, ecfg: EvalConfig, pool, *, version: int, max_pro
             "max_new_tokens": max_new_tokens,
             "truncated_prompts": truncated,
             "truncated_responses": sum(f == "length" for f in batch.finish_reasons),
-            # how many ways a problem's samples begin: in the coin task, its strategies
+            # how many ways a problem's samples begin (phrasings included)
             "distinct_first_tokens": sum(len(f) for f in firsts) / len(problems),
         }
+        if strategies is not None:  # distinct solution strategies among a problem's samples
+            results[name]["strategies"] = strategies
     if results:
         in_average = [n for n in results if n in PAPER_BENCHMARKS] or list(results)
         results["average"] = sum(results[n]["avg@k"] for n in in_average) / len(in_average)

@@ -55,6 +55,24 @@ def _default_grade(response: str, truth: str, answer_format: str = "any"):
     return grade(response, truth, answer_format)
 
 
+def _coin_grade(response: str, truth: str):
+    from megatron_lpreg.data.coin_task import grade
+
+    return grade(response, truth)
+
+
+GRADERS = ("math", "coins")  # reward.grader: math answers (math-verify), or the coin task's verifier
+
+
+def grader_function(grader: str, answer_format: str = "any") -> Callable:
+    """The ``grade_fn`` for ``reward.grader`` (``answer_format`` is the math grader's)."""
+    if grader == "math":
+        return functools.partial(_default_grade, answer_format=answer_format)
+    if grader == "coins":
+        return _coin_grade
+    raise ValueError(f"reward.grader={grader!r} is not one of {GRADERS}")
+
+
 class VerifierPool:
     def __init__(self, workers: int = 2, *, timeout_s: float = 5.0, memory_mb: int = 1024,
                  answer_format: str = "any", grade_fn: Callable | None = None):
@@ -63,7 +81,7 @@ class VerifierPool:
         if workers < 1 or timeout_s <= 0:
             raise ValueError(f"workers={workers} must be >= 1 and timeout_s={timeout_s} > 0")
         if grade_fn is None:
-            grade_fn = functools.partial(_default_grade, answer_format=answer_format)
+            grade_fn = grader_function("math", answer_format)
         self.timeout_s, self.memory_mb, self.grade_fn = timeout_s, memory_mb, grade_fn
         self._ctx = mp.get_context("spawn")
         self._workers = [self._start() for _ in range(workers)]

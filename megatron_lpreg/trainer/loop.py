@@ -171,10 +171,10 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
     engine.progress = show_progress(cfg)
     pool = None
     if dist.get_rank() == 0:
-        from megatron_lpreg.reward.pool import VerifierPool
+        from megatron_lpreg.reward.pool import VerifierPool, grader_function
 
         pool = VerifierPool(cfg.reward.workers, timeout_s=cfg.reward.timeout_s, memory_mb=cfg.reward.memory_mb,
-                            answer_format=cfg.reward.answer_format)
+                            grade_fn=grader_function(cfg.reward.grader, cfg.reward.answer_format))
     writer = MetricsWriter(out if groups.logging_rank else None, tensorboard=cfg.train.tensorboard)
     writer.truncate_after(state.step)
     return Trainer(cfg, groups, out, spec, tokenizer, model, head, optimizer, engine,
@@ -262,7 +262,7 @@ def evaluate_if_due(t: Trainer, timing: dict) -> dict:
                        prompt_template=cfg.data.prompt_template, stop_ids=t.stop_ids, seed=cfg.train.seed)
         t.engine.sleep()
     out = {f"eval/{n}/{m}": r[m] for n, r in res.items() if n != "average"
-           for m in ("avg@k", "pass@k", "distinct_first_tokens")}
+           for m in ("avg@k", "pass@k", "distinct_first_tokens", "strategies") if m in r}
     out["eval/average"] = res.get("average", float("nan"))
     return out
 

@@ -103,3 +103,38 @@ def test_evaluate_arithmetic_with_scripted_answers():
     assert math.isclose(res["average"], r["avg@k"])
     assert "| AIME24 | AIME25 | MATH-500 | Minerva | OlympiadBench | Avg. |" in md.replace("model / method ", "")
     assert "paper: Qwen3-14B on-policy Lp-Reg" in md and "60.17" in md
+
+
+def _evaluate_coins_scripted(data_dir):
+    import torch.distributed as dist
+
+    from megatron_lpreg.config import EvalConfig
+    from megatron_lpreg.data import coin_task as ct
+    from megatron_lpreg.eval.run import evaluate
+    from megatron_lpreg.reward.pool import VerifierPool, grader_function
+
+    # problem 0 (38 with 1 3 4: only two_middle is optimal): two_middle right twice, greedy (11 coins)
+    # and a guessed count; problem 1 (40 with 1 4 5: greedy's 8 coins): greedy right, one_unit wrong
+    texts = [[ct.solution_text(38, (1, 3, 4), "two_middle", "M2"), ct.solution_text(38, (1, 3, 4), "two_middle"),
+              ct.solution_text(38, (1, 3, 4), "greedy"), "G1 s1 c4 34 ; \\boxed{ 10 }"],
+             [ct.solution_text(40, (1, 4, 5), "greedy", "G9"), ct.solution_text(40, (1, 4, 5), "one_unit")] * 2]
+    pool = VerifierPool(1, timeout_s=30, grade_fn=grader_function("coins")) if dist.get_rank() == 0 else None
+    try:
+        return evaluate(_scripted(texts), _Tok(), EvalConfig(benchmarks="coins_heldout", data_dir=str(data_dir), k=4),
+                        pool, version=0)
+    finally:
+        if pool:
+            pool.close()
+
+
+def test_coin_evaluation_grades_what_was_paid_and_counts_strategies(tmp_path):
+    import json
+
+    from megatron_lpreg.data import coin_task as ct
+
+    rows = [ct.Problem(38, (1, 3, 4)).row("greedy", "coins_heldout"), ct.Problem(40, (1, 4, 5)).row("greedy", "coins_heldout")]
+    (tmp_path / "coins_heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_ranks(_evaluate_coins_scripted, Layout(tp=1), tmp_path)[0]["coins_heldout"]
+    assert math.isclose(r["avg@k"], 100 * (2 / 4 + 2 / 4) / 2) and math.isclose(r["pass@k"], 100.0)
+    # problem 0: two_middle and greedy (the guess starts greedy too); problem 1: greedy and one_unit
+    assert math.isclose(r["strategies"], (2 + 2) / 2)
