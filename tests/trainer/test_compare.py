@@ -34,10 +34,12 @@ def test_short_comparison(tmp_path):
 
 
 def test_coin_study_smoke(tmp_path):
-    """The issue-17 study's spec, 2 steps, 2 methods x 2 seeds, on a coin task with a
-    token warm start: every run records the precondition and held-out metrics, and the
-    summary gives mean and std over the seeds."""
+    """The issue-17 study's spec, 2 steps, 2 methods (one per arm: on-policy GRPO,
+    off-policy Lp-Reg) x 2 seeds, on a coin task with a token warm start: every run records
+    the precondition and held-out metrics, and the summary gives mean and std over the seeds."""
     import json
+
+    import yaml
 
     from megatron_lpreg.data.coin_task import write_task as write_coin_task
     from tools.compare_methods import main
@@ -45,19 +47,21 @@ def test_coin_study_smoke(tmp_path):
     task = write_coin_task(tmp_path / "coins", train_rows=100, warm_steps=10, warm_batch=8, log=lambda *_: None)
     out = tmp_path / "study"
     rc = main(["--spec", str(ROOT / "examples" / "compare_coin_cpu.yaml"), "--out", str(out), "--steps", "2",
-               "--methods", "grpo,lp_reg", "--seeds", "1,2", f"model.hf_dir={task / 'model'}",
+               "--methods", "grpo,off_lp_reg", "--seeds", "1,2", f"model.hf_dir={task / 'model'}",
                f"data.train_path={task / 'train.jsonl'}", f"eval.data_dir={task}", "eval.every_n_steps=2",
                "eval.k=2", "eval.limit=4", "rollout.prompts_per_step=8", "rollout.n=4", "reward.workers=1",
                "train.save_every=2"])
     assert rc == 0
-    for m in ("grpo", "lp_reg"):
+    for m in ("grpo", "off_lp_reg"):
         for seed in (1, 2):
             recs = metrics(out / m / f"seed{seed}")
             assert [r["step"] for r in recs] == [1, 2]
             assert all("sparks/in_proxy_lt_0.1" in r and "sparks/lowest_neg_in_proxy" in r for r in recs)
-            assert "eval/coins_heldout/pass@k" in recs[-1] and "eval/coins_heldout/distinct_first_tokens" in recs[-1]
+            assert "eval/coins_heldout/pass@k" in recs[-1] and "eval/coins_heldout/strategies" in recs[-1]
     rows = {(r["label"], r["metric"]): r for r in json.loads((out / "summary.json").read_text())}
     r = rows[("grpo", "reward/mean")]
     assert r["n"] == 2 and len(r["values"]) == 2 and abs(r["mean"] - sum(r["values"]) / 2) < 1e-12
-    assert ("lp_reg", "actor/lp_reg/regularised_share") in rows
+    assert ("off_lp_reg", "actor/lp_reg/regularised_share") in rows
+    for m, steps in (("grpo", 1), ("off_lp_reg", 8)):  # the arms differ in optimiser steps per batch
+        assert yaml.safe_load((out / m / "seed1" / "config.yaml").read_text())["algo"]["mini_batches"] == steps
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
