@@ -147,6 +147,28 @@ class Groups:
         )
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when the one that started it dies.
+
+    Called by every rank under torchrun (:func:`init_job`) and by the ``spawn`` children
+    of a rank (reward workers, megatron-core's checkpoint-writer manager: they import the
+    entry module as ``__mp_main__``). torchrun puts each worker in a session of its own,
+    so killing the launcher's process group (``kill -9`` of a job) would otherwise leave
+    the ranks training on, unwatched, into the output directory a restarted run uses,
+    and a killed rank's helpers idle on forever."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # best effort: without prctl the old behaviour stays
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_job(tp: int, pp: int = 1) -> Groups:
     """CPU shims when there is no GPU, this rank's device, the default process group
     (nccl or gloo) and megatron's parallel state; returns this rank's groups."""
@@ -155,6 +177,8 @@ def init_job(tp: int, pp: int = 1) -> Groups:
 
     from megatron_lpreg import platform
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     platform.install_cpu_shims()
     if platform.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())

@@ -264,11 +264,18 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimiser and this rank's RNG; returns the trainer state."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_sharded(model, optimizer, True), str(path / "dist"))
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    with open(path / "trainer_state.json") as f:
+        trainer_state = json.load(f)
+    if trainer_state["step"] == 0:
+        # before the first update Adam holds no moments, so a step-0 checkpoint has none, while
+        # the loading template asks for zero-filled ones; a fresh optimiser is exactly that state
+        state = dist_checkpointing.load({"model": unwrap(model).sharded_state_dict()}, str(path / "dist"))
+        unwrap(model).load_state_dict(state["model"])
+    else:
+        state = dist_checkpointing.load(_sharded(model, optimizer, True), str(path / "dist"))
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
-    with open(path / "trainer_state.json") as f:
-        return json.load(f)
+    return trainer_state
