@@ -59,7 +59,8 @@ def plan_words() -> dict[str, list[str]]:
 def zipf_weights(n: int) -> list[float]:
     """Zipf's law (exponent 1) over ``n`` ranks."""
     w = [1.0 / r for r in range(1, n + 1)]
-    return [x / sum(w) for x in w]
+    total = sum(w)
+    return [x / total for x in w]
 
 
 SPECIALS = ["<pad>", "<eos>", "?"]
@@ -220,11 +221,12 @@ def make_rows(train: list[Problem], n: int, seed: int, fail_share: float = 0.1) 
     fails = [p for p in train if p.greedy_fails]
     solved = [p for p in train if not p.greedy_fails]
     words = plan_words()
+    weights = {s: zipf_weights(len(w)) for s, w in words.items()}
     rows = []
     for _ in range(n):
         p = rng.choice(fails if rng.random() < fail_share else solved)
         s = rng.choices(STRATEGIES, weights=STRATEGY_MIX)[0]
-        plan = rng.choices(words[s], weights=zipf_weights(len(words[s])))[0]
+        plan = rng.choices(words[s], weights=weights[s])[0]
         rows.append(p.row(s, "coins_train", plan))
     return rows
 
