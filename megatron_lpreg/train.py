@@ -18,7 +18,13 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_lpreg.job import die_with_parent, finish_job, init_job, relaunch_under_torchrun, report_failure
+from megatron_lpreg.job import (
+    die_with_parent,
+    finish_job,
+    init_job,
+    relaunch_under_torchrun,
+    report_failure,
+)
 
 if __name__ == "__mp_main__":  # a rank's spawn child: it goes when the rank goes
     die_with_parent()
