@@ -13,9 +13,14 @@ With ``seeds: [1, 2, 3]`` in the spec every method runs once per seed
 (``train.seed``: sampling and initial state of the RL run; the warm start and data
 order stay those of the base config) into ``<out>/<method>/seed<k>``; the summary
 then gives each metric's end value (mean over the last 20% of its records) as mean,
-standard deviation and count over the seeds (``summary.md``, ``summary.json``), and
-the figure the mean over seeds with a +-1 std band. ``metrics:`` in the spec replaces
-the default list.
+standard deviation and count over the seeds (``summary.md``: a table per metric and one
+wide table of end values, ``summary.json``: start values too), and the figure the mean
+over seeds with a +-1 std band. ``metrics:`` in the spec replaces the default list;
+``figures:`` (name -> methods) draws ``comparison_<name>.png`` per group instead of one
+figure of every method; ``baseline:`` (a method) adds each method's end value minus the
+baseline's at the same seed (``summary.md`` and ``paired.json``). ``--summarize`` only
+rewrites summary and figures from the results present (a finished or interrupted
+study), without running anything.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.plot_run import load, plot_bands, seed_summary  # noqa: E402
+from tools.plot_run import load, paired_differences, plot_bands, seed_summary  # noqa: E402
 from tools.plot_run import main as plot_main  # noqa: E402
 
 METRICS = ["reward/mean", "actor/entropy", "sparks/p_lt_0.1", "sparks/p_lt_0.01",
@@ -56,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="override train.steps for every method")
     ap.add_argument("--methods", default=None, help="comma-separated subset")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the spec's")
+    ap.add_argument("--summarize", action="store_true", help="only summarize and plot the results present")
     ap.add_argument("extra", nargs="*", help="key=value overrides for every method")
     a = ap.parse_args(argv)
     spec = load_spec(a.spec)
@@ -79,7 +85,14 @@ def main(argv=None) -> int:
     if not all(s is None or isinstance(s, int) for s in seeds):
         raise SystemExit(f"{a.spec}: seeds must be a list of integers")
     metrics = spec.get("metrics", METRICS)
-    for name, overrides in methods.items():
+    figures = spec.get("figures") or {}
+    baseline = spec.get("baseline")
+    unknown = sorted({m for ms in figures.values() for m in ms} - set(spec["methods"]))
+    if unknown:
+        raise SystemExit(f"{a.spec}: figures name methods the spec does not have: {unknown}")
+    if baseline is not None and baseline not in spec["methods"]:
+        raise SystemExit(f"{a.spec}: baseline {baseline!r} is not one of the spec's methods")
+    for name, overrides in ({} if a.summarize else methods).items():
         for seed in seeds:
             run_dir = out / name if seed is None else out / name / f"seed{seed}"
             extra = [] if seed is None else [f"train.seed={seed}"]
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
                 return rc
             print(f"[compare] {label} done in {time.monotonic() - t:.0f}s", flush=True)
     if seeds != [None]:
-        return summarize_seeds(out, list(spec["methods"]), seeds, metrics)
+        return summarize_seeds(out, list(spec["methods"]), seeds, metrics, figures, baseline)
     # plot every method of the spec that has results, not only the ones run now
     done = [m for m in spec["methods"] if (out / m / "metrics.jsonl").exists()]
     runs = [str(out / m) for m in done]
@@ -111,26 +124,48 @@ def main(argv=None) -> int:
     return 0
 
 
-def summarize_seeds(out: Path, methods: list[str], seeds: list[int], metrics: list[str]) -> int:
+def summarize_seeds(out: Path, methods: list[str], seeds: list[int], metrics: list[str],
+                    figures: dict[str, list[str]] | None = None, baseline: str | None = None) -> int:
     """``summary.md`` / ``summary.json`` (mean, std, n over seeds) and ``comparison.png``
-    (bands) from every method and seed that has results."""
-    groups = {}
+    (bands; or one ``comparison_<name>.png`` per entry of ``figures``) from every method
+    and seed that has results; with ``baseline``, ``paired.json`` and its table too."""
+    groups, present = {}, {}
     for m in methods:
-        runs = [load(out / m / f"seed{s}") for s in seeds if (out / m / f"seed{s}" / "metrics.jsonl").exists()]
-        if runs:
-            groups[m] = runs
+        present[m] = [s for s in seeds if (out / m / f"seed{s}" / "metrics.jsonl").exists()]
+        if present[m]:
+            groups[m] = [load(out / m / f"seed{s}") for s in present[m]]
     if not groups:
         print(f"[compare] no results under {out}", file=sys.stderr)
         return 1
-    rows = seed_summary(groups, metrics)
+    rows = seed_summary(groups, metrics, seeds=present)
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| method | metric | end value, mean | std | seeds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['metric']} | {r['mean']:.4f} | {r['std']:.4f} | {r['n']} |" for r in rows]
+    lines = ["| method | metric | start value, mean | std | end value, mean | std | seeds |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['metric']} | {r['start_mean']:.4g} | {r['start_std']:.2g} | {r['mean']:.4g} "
+              f"| {r['std']:.2g} | {r['n']} |" for r in rows]
+    lines += ["", wide_table(rows, list(groups), metrics)]
+    if baseline in groups:
+        paired = paired_differences(rows, baseline)
+        (out / "paired.json").write_text(json.dumps(paired, indent=1))
+        lines += ["", wide_table(paired, [m for m in groups if m != baseline], metrics,
+                                 f"method (end minus {baseline}'s at the same seed, mean ± std)")]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot_bands(groups, metrics, out / "comparison.png")
+    plots = {name: [m for m in ms if m in groups] for name, ms in (figures or {}).items()}
+    plots = {name: ms for name, ms in plots.items() if ms} or {"": list(groups)}
+    for name, ms in plots.items():
+        png = out / (f"comparison_{name}.png" if name else "comparison.png")
+        plot_bands({m: groups[m] for m in ms}, metrics, png)
+        print(f"plot: {png}")
     print("\n".join(lines))
-    print(f"plot: {out / 'comparison.png'}")
     return 0
+
+
+def wide_table(rows: list[dict], methods: list[str], metrics: list[str],
+               title: str = "method (end, mean ± std over seeds)") -> str:
+    """One row per method, one column per metric: ``mean ± std`` of the rows' values."""
+    cell = {(r["label"], r["metric"]): f"{r['mean']:.4g} ± {r['std']:.2g}" for r in rows}
+    out = [f"| {title} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    out += [f"| {m} | " + " | ".join(cell.get((m, k), "-") for k in metrics) + " |" for m in methods]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -110,22 +110,50 @@ def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path, k: int) -> 
     _save(plt, fig, axes, len(present), out)
 
 
-def seed_summary(groups: dict[str, list[list[dict]]], metrics: list[str], tail: float = 0.2) -> list[dict]:
-    """Per label and metric: the mean over the last ``tail`` of each run's records of it,
-    then mean, standard deviation (n-1) and count over the runs (seeds) of the label."""
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+
+
+def seed_summary(groups: dict[str, list[list[dict]]], metrics: list[str], tail: float = 0.2,
+                 seeds: dict[str, list] | None = None) -> list[dict]:
+    """Per label and metric: the mean over the last ``tail`` of each run's records of it
+    (``values``; ``start_values``: over the first ``tail``; ``seeds``: the runs' names,
+    from ``seeds[label]`` when given, else their positions), then mean, standard deviation
+    (n-1) and count over the runs (seeds) of the label."""
     out = []
     for label, runs in groups.items():
+        names = (seeds or {}).get(label) or list(range(len(runs)))
         for m in metrics:
-            ends = []
-            for rows in runs:
+            starts, ends, have = [], [], []
+            for name, rows in zip(names, runs, strict=True):
                 _, v = series(rows, m)
                 if v:
                     w = max(1, round(len(v) * tail))
+                    starts.append(sum(v[:w]) / w)
                     ends.append(sum(v[-w:]) / w)
+                    have.append(name)
             if ends:
-                mean = sum(ends) / len(ends)
-                std = math.sqrt(sum((e - mean) ** 2 for e in ends) / (len(ends) - 1)) if len(ends) > 1 else float("nan")
-                out.append({"label": label, "metric": m, "mean": mean, "std": std, "n": len(ends), "values": ends})
+                (mean, std), (smean, sstd) = _mean_std(ends), _mean_std(starts)
+                out.append({"label": label, "metric": m, "mean": mean, "std": std, "n": len(ends), "values": ends,
+                            "start_mean": smean, "start_std": sstd, "start_values": starts, "seeds": have})
+    return out
+
+
+def paired_differences(rows: list[dict], baseline: str) -> list[dict]:
+    """Per label (other than ``baseline``) and metric: the end value minus the baseline's
+    at the same seed, over the seeds both have (``values``), with mean, std and n. Runs
+    that share a seed share the RL run's first rollout, so this removes the seed-to-seed
+    spread that the plain std carries."""
+    base = {r["metric"]: dict(zip(r["seeds"], r["values"], strict=True)) for r in rows if r["label"] == baseline}
+    out = []
+    for r in rows:
+        ref = base.get(r["metric"], {})
+        diffs = [v - ref[s] for s, v in zip(r["seeds"], r["values"], strict=True) if s in ref]
+        if r["label"] != baseline and diffs:
+            mean, std = _mean_std(diffs)
+            out.append({"label": r["label"], "metric": r["metric"], "baseline": baseline, "mean": mean, "std": std,
+                        "n": len(diffs), "values": diffs})
     return out
 
 

@@ -3,6 +3,8 @@ comparison plot and table are written. No assertion on which method wins."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from megatron_lpreg.data.tiny_task import write_task
@@ -62,6 +64,18 @@ def test_coin_study_smoke(tmp_path):
     r = rows[("grpo", "reward/mean")]
     assert r["n"] == 2 and len(r["values"]) == 2 and abs(r["mean"] - sum(r["values"]) / 2) < 1e-12
     assert ("off_lp_reg", "actor/lp_reg/regularised_share") in rows
-    for m, steps in (("grpo", 1), ("off_lp_reg", 8)):  # the arms differ in optimiser steps per batch
+    for m, steps in (("grpo", 1), ("off_lp_reg", 4)):  # the arms differ in optimiser steps per batch
         assert yaml.safe_load((out / m / "seed1" / "config.yaml").read_text())["algo"]["mini_batches"] == steps
-    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    for arm in ("on_policy", "off_policy"):  # the spec's figures, each drawn with the methods present
+        assert (out / f"comparison_{arm}.png").read_bytes()[:4] == b"\x89PNG"
+    wide = (out / "summary.md").read_text().split("\n\n")[1].splitlines()
+    assert wide[0].startswith("| method (end, mean ± std over seeds) | eval/coins_heldout/avg@k |")
+    assert [w.split(" | ")[0] for w in wide[2:]] == ["| grpo", "| off_lp_reg"]
+    assert math.isclose(r["start_mean"], sum(r["start_values"]) / 2)
+    # the spec's baseline: each method's end value minus GRPO's at the same seed
+    paired = {(d["label"], d["metric"]): d for d in json.loads((out / "paired.json").read_text())}
+    d, o = paired[("off_lp_reg", "reward/mean")], rows[("off_lp_reg", "reward/mean")]
+    assert d["n"] == 2 and d["values"] == [a - b for a, b in zip(o["values"], r["values"], strict=True)]
+    assert not any(label == "grpo" for label, _ in paired)
+    rc = main(["--spec", str(ROOT / "examples" / "compare_coin_cpu.yaml"), "--out", str(out), "--summarize"])
+    assert rc == 0 and rows == {(r["label"], r["metric"]): r for r in json.loads((out / "summary.json").read_text())}
