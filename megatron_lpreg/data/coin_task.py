@@ -25,7 +25,7 @@ named sum to the amount, the boxed count is their number and the minimum; a coun
 past the steps scores 0. Training amounts are mostly ones greedy solves; held-out problems
 (unseen pairs of coin set and amount) are half greedy failures, so keeping the rare
 strategies alive pays there (pass@k). The vocabulary is word-level with every number up to
-999 a token (1,400+ tokens, most never seen: a realistic tail). Everything is generated
+999 a token (1,337 tokens, most never seen: a realistic tail). Everything is generated
 locally and deterministically by ``tools/make_coin_task.py``.
 """
 
