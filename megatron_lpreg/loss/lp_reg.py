@@ -58,17 +58,17 @@ def kl_estimate(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str
 def kl_pull(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kl_type: str) -> torch.Tensor:
     """``-d kl_estimate / d log_prob`` per token: how hard the estimate pulls a token's
     log-prob up (k3: ``pi_ref / pi - 1``); zero where the [-10, 10] clamp holds."""
+    # strictly inside the clamp after clamping iff strictly inside before it
+    est = kl_estimate(log_prob, ref_log_prob, kl_type)
     d = ref_log_prob - log_prob
     if kl_type == "low_var_kl":
-        est, pull = torch.exp(d) - d - 1, torch.exp(d) - 1
+        pull = torch.exp(d) - 1
     elif kl_type == "kl":
-        est, pull = -d, -torch.ones_like(d)
+        pull = -torch.ones_like(d)
     elif kl_type == "abs":
-        est, pull = d.abs(), torch.sign(d)
-    elif kl_type == "mse":
-        est, pull = 0.5 * d.square(), d
-    else:
-        raise ValueError(f"kl_type={kl_type!r} is not one of {KL_TYPES}")
+        pull = torch.sign(d)
+    else:  # mse
+        pull = d
     return torch.where((est > -10.0) & (est < 10.0), pull, torch.zeros_like(pull))
 
 

@@ -266,14 +266,13 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
 
     with open(path / "trainer_state.json") as f:
         trainer_state = json.load(f)
-    if trainer_state["step"] == 0:
-        # before the first update Adam holds no moments, so a step-0 checkpoint has none, while
-        # the loading template asks for zero-filled ones; a fresh optimiser is exactly that state
-        state = dist_checkpointing.load({"model": unwrap(model).sharded_state_dict()}, str(path / "dist"))
-        unwrap(model).load_state_dict(state["model"])
-    else:
-        state = dist_checkpointing.load(_sharded(model, optimizer, True), str(path / "dist"))
-        unwrap(model).load_state_dict(state["model"])
+    # before the first update Adam holds no moments, so a step-0 checkpoint has none, while
+    # the loading template asks for zero-filled ones; a fresh optimiser is exactly that state
+    updated = trainer_state["step"] > 0
+    sharded = _sharded(model, optimizer, True) if updated else {"model": unwrap(model).sharded_state_dict()}
+    state = dist_checkpointing.load(sharded, str(path / "dist"))
+    unwrap(model).load_state_dict(state["model"])
+    if updated:
         optimizer.load_state_dict(state["optimizer"])
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.exists():
