@@ -21,7 +21,8 @@ walks its columns in tiles:
   the logits themselves (a tile is read before it is written).
 
 Arithmetic is fp32 whatever the input (fp32, bf16, fp16). x is divided by the
-temperature as the torch path does, so memberships ``d >= thr`` agree with it.
+temperature exactly (round-to-nearest, as the torch path), so memberships ``d >= thr``
+agree with it. The kernels themselves are in :mod:`megatron_lpreg.ops.triton_kernels`.
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run
 on CPU tensors: that is how they are tested without a GPU.
 """
@@ -32,115 +33,20 @@ import math
 
 import torch
 import triton
-import triton.language as tl
 
-_NEG_INF = float("-inf")
+from megatron_lpreg.ops import triton_kernels as kernels
 
-# Columns per tile at most. 4096 keeps a program's registers busy without spilling on
-# H100-class GPUs; the tests lower it so that small rows span several tiles and the
-# online rescaling is exercised.
-MAX_TILE = 4096
+# Columns per tile at most (the tests lower it so that small rows span several tiles).
+MAX_TILE = kernels.MAX_TILE
 
 
-def _tile(n_valid: int, device: torch.device) -> int:
-    return max(16, min(MAX_TILE, triton.next_power_of_2(max(n_valid, 1))))
-
-
-@triton.jit
-def _partials_kernel(x_ptr, stride, n_valid, tcol_ptr, temperature,
-                     m_out, s_out, sd_out, xy_out, xmin_out, sraw_out,
-                     BLOCK: tl.constexpr, WITH_MIN: tl.constexpr, WITH_RAW: tl.constexpr):
-    row = tl.program_id(0)
-    base = x_ptr + row.to(tl.int64) * stride
-    tcol = tl.load(tcol_ptr + row)
-    m = tl.full((), _NEG_INF, tl.float32)
-    s = tl.zeros((), tl.float32)
-    sd = tl.zeros((), tl.float32)
-    sraw = tl.zeros((), tl.float32)
-    xy = tl.zeros((), tl.float32)
-    xmin = tl.full((), float("inf"), tl.float32)
-    for start in range(0, n_valid, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        valid = cols < n_valid
-        x = tl.load(base + cols, mask=valid, other=_NEG_INF).to(tl.float32) / temperature
-        m_new = tl.maximum(m, tl.max(x, 0))
-        # until a finite value is seen the reference point is 0: exp(-inf - 0) = 0
-        ref = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m - ref)
-        e = tl.exp(x - ref)
-        d = tl.where(e > 0, x - ref, 0.0)  # a -inf logit adds 0, not 0 * -inf
-        shift = (tl.where(s > 0, m, ref) - ref) * s  # no -inf * 0 while nothing is summed yet
-        sd = alpha * (sd + shift) + tl.sum(e * d, 0)
-        s = alpha * s + tl.sum(e, 0)
-        if WITH_RAW:
-            sraw = tl.exp((m - ref) * temperature) * sraw + tl.sum(tl.exp((x - ref) * temperature), 0)
-        if WITH_MIN:
-            xmin = tl.minimum(xmin, tl.min(tl.where(valid, x, float("inf")), 0))
-        xy += tl.sum(tl.where(cols == tcol, x, 0.0), 0)
-        m = m_new
-    tl.store(m_out + row, m)
-    tl.store(s_out + row, s)
-    tl.store(sd_out + row, sd)
-    tl.store(xy_out + row, xy)
-    if WITH_MIN:
-        tl.store(xmin_out + row, xmin)
-    if WITH_RAW:
-        tl.store(sraw_out + row, sraw)
-
-
-@triton.jit
-def _kept_kernel(x_ptr, stride, n_valid, temperature, m_ptr, thr_ptr, sk_out, cnt_out,
-                 BLOCK: tl.constexpr, WITH_COUNT: tl.constexpr):
-    row = tl.program_id(0)
-    base = x_ptr + row.to(tl.int64) * stride
-    m = tl.load(m_ptr + row)
-    thr = tl.load(thr_ptr + row)
-    sk = tl.zeros((), tl.float32)
-    cnt = tl.zeros((), tl.float32)
-    for start in range(0, n_valid, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        valid = cols < n_valid
-        d = tl.load(base + cols, mask=valid, other=_NEG_INF).to(tl.float32) / temperature - m
-        keep = valid & (d >= thr)
-        sk += tl.sum(tl.where(keep, tl.exp(d), 0.0), 0)
-        if WITH_COUNT:
-            cnt += tl.sum(keep.to(tl.float32), 0)
-    tl.store(sk_out + row, sk)
-    if WITH_COUNT:
-        tl.store(cnt_out + row, cnt)
-
-
-@triton.jit
-def _grad_kernel(x_ptr, x_stride, g_ptr, g_stride, n_valid, tcol_ptr, temperature, m_ptr, logs_ptr, h_ptr,
-                 glp_ptr, gh_ptr, BLOCK: tl.constexpr, USE_H: tl.constexpr):
-    row = tl.program_id(0)
-    xbase = x_ptr + row.to(tl.int64) * x_stride
-    gbase = g_ptr + row.to(tl.int64) * g_stride
-    tcol = tl.load(tcol_ptr + row)
-    m = tl.load(m_ptr + row)
-    log_s = tl.load(logs_ptr + row)
-    g = tl.load(glp_ptr + row)
-    if USE_H:
-        gh = tl.load(gh_ptr + row)
-        lead = g + gh * tl.load(h_ptr + row)
-    for start in range(0, n_valid, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        valid = cols < n_valid
-        x = tl.load(xbase + cols, mask=valid, other=0.0).to(tl.float32) / temperature
-        logp = (x - m) - log_s  # x - m is exact, so p carries only log S's rounding
-        if USE_H:
-            logp = tl.maximum(logp, -1e4)  # a -inf logit: exp is 0 and gh * log p stays finite
-            p = tl.exp(logp)
-            gx = p * (-lead - gh * logp)
-        else:
-            gx = -g * tl.exp(logp)
-        gx = (gx + tl.where(cols == tcol, g, 0.0)) / temperature
-        tl.store(gbase + cols, gx.to(g_ptr.dtype.element_ty), mask=valid)
+def _tile(n_valid: int) -> int:
+    return max(kernels.MIN_TILE, min(MAX_TILE, triton.next_power_of_2(max(n_valid, 1))))
 
 
 def interpreted() -> bool:
     """True when the kernels were built for Triton's interpreter (CPU tensors)."""
-    return not isinstance(_partials_kernel, triton.runtime.JITFunction)
+    return not isinstance(kernels.partials_kernel, triton.runtime.JITFunction)
 
 
 def _f32(n: int, device) -> torch.Tensor:
@@ -163,15 +69,15 @@ def row_partials(x: torch.Tensor, tcol: torch.Tensor, temperature: float, *, wit
     if rows == 0:
         return out
     if n_valid == 0:  # a rank that holds only padding columns
-        out["m"].fill_(_NEG_INF)
+        out["m"].fill_(-math.inf)
         for k in ("s", "sd", "xy", "sraw"):
             out[k].zero_()
         out["xmin"].fill_(math.inf)
         return out
-    _partials_kernel[(rows,)](
+    kernels.partials_kernel[(rows,)](
         x, x.stride(0), n_valid, tcol, float(temperature),
         out["m"], out["s"], out["sd"], out["xy"], out["xmin"], out["sraw"],
-        BLOCK=_tile(n_valid, dev), WITH_MIN=with_min, WITH_RAW=with_raw,
+        BLOCK=_tile(n_valid), WITH_MIN=with_min, WITH_RAW=with_raw,
     )
     return out
 
@@ -186,8 +92,8 @@ def kept_sums(x: torch.Tensor, temperature: float, m: torch.Tensor, thr: torch.T
         sk.zero_()
         cnt.zero_()
     else:
-        _kept_kernel[(rows,)](x, x.stride(0), n_valid, float(temperature), m.contiguous(), thr.contiguous(), sk,
-                              cnt, BLOCK=_tile(n_valid, x.device), WITH_COUNT=with_count)
+        kernels.kept_kernel[(rows,)](x, x.stride(0), n_valid, float(temperature), m.contiguous(), thr.contiguous(), sk,
+                              cnt, BLOCK=_tile(n_valid), WITH_COUNT=with_count)
     return sk, (cnt if with_count else None)
 
 
@@ -201,8 +107,8 @@ def row_grads(x: torch.Tensor, out: torch.Tensor, tcol: torch.Tensor, temperatur
         return
     use_h = g_h is not None
     dummy = g_lp
-    _grad_kernel[(rows,)](
+    kernels.grad_kernel[(rows,)](
         x, x.stride(0), out, out.stride(0), n_valid, tcol, float(temperature), m.contiguous(), log_s.contiguous(),
         entropy.contiguous() if use_h else dummy, g_lp.contiguous(), g_h.contiguous() if use_h else dummy,
-        BLOCK=_tile(n_valid, x.device), USE_H=use_h,
+        BLOCK=_tile(n_valid), USE_H=use_h,
     )
