@@ -39,7 +39,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.ops.vocab_parallel import (
-    DEFAULT_BLOCK_ELEMENTS,
     TokenStats,
     _effective_group,
     _make_shard,
@@ -236,7 +235,7 @@ def fused_logprob(
     with_entropy: bool = False,
     sequence_parallel: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
     reduce_hidden_grad: bool = True,
     backend: str = "auto",
 ):
@@ -279,7 +278,7 @@ def fused_logprob_loss(
     with_entropy: bool = False,
     sequence_parallel: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
     reduce_hidden_grad: bool = True,
     backend: str = "auto",
 ):

@@ -54,10 +54,19 @@ BACKENDS = ("auto", "torch", "triton")
 # ``log pi < log pi_proxy`` can never select a token outside the proxy's support.
 PROXY_SENTINEL = -1e4
 
-# fp32 elements of one block temporary (4 MiB): small enough that a block's
+# fp32 elements of one block temporary. CPU (4 MiB): small enough that a block's
 # several passes run from cache, large enough that per-block Python overhead is
-# noise at a 150k vocabulary (measured in bench/vocab_parallel.py).
+# noise at a 150k vocabulary (measured in bench/vocab_parallel.py). CUDA (128 MiB):
+# a pass is a kernel launch that streams from HBM, there is no cache to fit, and a
+# block of 6 rows at a 151,936 vocabulary would be launch overhead; two temporaries
+# of this size are small next to a chunk of logits.
 DEFAULT_BLOCK_ELEMENTS = 1 << 20
+CUDA_BLOCK_ELEMENTS = 1 << 25
+
+
+def block_elements_for(device) -> int:
+    """The default block temporary size (elements) on ``device``."""
+    return CUDA_BLOCK_ELEMENTS if torch.device(device).type == "cuda" else DEFAULT_BLOCK_ELEMENTS
 
 
 @dataclass
@@ -109,8 +118,8 @@ def _check_logits(logits, temperature, chunk_tokens, block_elements):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1 or None, got {chunk_tokens}")
-    if block_elements < 1:
-        raise ValueError(f"block_elements must be >= 1, got {block_elements}")
+    if block_elements is not None and block_elements < 1:
+        raise ValueError(f"block_elements must be >= 1 or None (by device), got {block_elements}")
 
 
 def _check_target(logits, target):
@@ -176,6 +185,8 @@ def _make_shard(logits, group, vocab_size, chunk_tokens, block_elements, backend
         )
     start = rank * n_local
     n_tokens = max(1, math.prod(logits.shape[:-1]))
+    if block_elements is None:
+        block_elements = block_elements_for(logits.device)
     return _Shard(
         start=start,
         n_local=n_local,
@@ -297,26 +308,21 @@ def _pick(d: torch.Tensor, col: torch.Tensor, owned: torch.Tensor) -> torch.Tens
     return torch.where(owned, d.gather(1, col.unsqueeze(1)).squeeze(1), 0.0)
 
 
-def _redo_d(logits2d, a, b, shard, temperature, m_block, rows: torch.Tensor) -> torch.Tensor:
-    """d afresh for the selected rows of block [a, b) (rare fallbacks, after the
-    block temporaries were overwritten in place)."""
-    idx = rows.nonzero().squeeze(1)
-    x = logits2d[a:b, : shard.n_valid][idx]
-    return _shift_into(x, m_block[idx], temperature, torch.empty(x.shape, dtype=shard.dtype, device=x.device))
+def _redo_rows(logits2d, rows: torch.Tensor, shard, temperature, m_rows) -> torch.Tensor:
+    """d afresh for the global rows ``rows`` (int64 ``[k]``; ``m_rows [k]``): the rare
+    rows the one-pass sums could not settle, after the block temporaries were reused."""
+    x = logits2d[rows, : shard.n_valid]
+    return _shift_into(x, m_rows, temperature, torch.empty(x.shape, dtype=shard.dtype, device=x.device))
 
 
-def _exp_sums(d: torch.Tensor, e: torch.Tensor, redo):
-    """e <- exp(d); returns S = sum e and Sd = sum e * d per row. Overwrites d
-    (with e * d: no temporary). 0 * -inf (a -inf logit) counts as 0; only rows
-    that have one are recomputed, through ``redo(rows) -> d[rows]``."""
+def _exp_sums(d: torch.Tensor, e: torch.Tensor):
+    """e <- exp(d); returns S = sum e and Sd = sum e * d per row, and the rows whose Sd is
+    NaN: a -inf logit makes 0 * -inf (its true term is 0), settled by :func:`_settle`.
+    Overwrites d (with e * d: no temporary). No host sync."""
     torch.exp(d, out=e)
     s = e.sum(dim=1)
     sd = d.mul_(e).sum(dim=1)
-    nan_rows = torch.isnan(sd)
-    if bool(nan_rows.any()):
-        dd = redo(nan_rows)
-        sd[nan_rows] = torch.nansum(torch.exp(dd) * dd, dim=1)
-    return s, sd
+    return s, sd, torch.isnan(sd)
 
 
 def _kept_sum_exact(d: torch.Tensor, e: torch.Tensor, thr) -> torch.Tensor:
@@ -330,25 +336,43 @@ def _kept_sum_exact(d: torch.Tensor, e: torch.Tensor, thr) -> torch.Tensor:
 _BAND = 1e-5
 
 
-def _kept_sum(e: torch.Tensor, thr: float, redo) -> torch.Tensor:
-    """sum of e = exp(d) over the kept set ``d >= thr`` (scalar thr), per row; overwrites e.
+def _kept_sum(e: torch.Tensor, thr: float):
+    """sum of e = exp(d) over the kept set ``d >= thr`` (scalar thr), per row, and the rows
+    it could not settle; overwrites e. No host sync.
 
     The boolean ``d >= thr`` / ``where`` path costs about four passes on CPU;
     an in-place ``threshold`` on e costs one. Summing ``e > c (1 - band)`` and then
     ``e > c (1 + band)`` (c = exp(thr)) gives bitwise-equal rows unless some
-    element's e lies in the band; only those rows are recomputed with the exact
-    d-space test (``redo(rows) -> d[rows]``), so the result equals the exact sum up
-    to float rounding (a band element small enough to vanish in both sums changes
-    the exact sum by less than its rounding).
+    element's e lies in the band; only those rows (returned) need the exact d-space
+    test (:func:`_settle`), so the result equals the exact sum up to float rounding
+    (a band element small enough to vanish in both sums changes the exact sum by
+    less than its rounding).
     """
     c = math.exp(thr)
     lo = F.threshold_(e, c * (1 - _BAND), 0.0).sum(dim=1)
     hi = F.threshold_(e, c * (1 + _BAND), 0.0).sum(dim=1)
-    band = hi != lo
-    if bool(band.any()):
-        dd = redo(band)
-        hi[band] = _kept_sum_exact(dd, torch.exp(dd), thr)
-    return hi
+    return hi, hi != lo
+
+
+def _settle(logits2d, lo: int, shard, temperature, m, *, sd=None, nan_sd=None, s_k=None, band=None, thr=None):
+    """Redo exactly, in place, what the one-pass sums left open in a chunk starting at row
+    ``lo`` (``[c]`` each): ``sd`` where ``nan_sd``, ``s_k`` (kept set ``d >= thr``) where
+    ``band``. One host sync per chunk, not one per block."""
+    masks = [x for x in (nan_sd, band) if x is not None]
+    if not masks:
+        return
+    todo = masks[0] if len(masks) == 1 else masks[0] | masks[1]
+    if not bool(todo.any()):
+        return
+    idx = todo.nonzero().squeeze(1)
+    d = _redo_rows(logits2d, idx + lo, shard, temperature, m[idx])
+    e = torch.exp(d)
+    if nan_sd is not None:
+        pick = nan_sd[idx]
+        sd[idx[pick]] = torch.nansum(e[pick] * d[pick], dim=1)
+    if band is not None:
+        pick = band[idx]
+        s_k[idx[pick]] = _kept_sum_exact(d[pick], e[pick], thr)
 
 
 def _entropy(log_s: torch.Tensor, s: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
@@ -382,19 +406,22 @@ def _chunk_sums_torch(logits2d, target1d, lo, hi, shard, temperature, group, pro
     # per token: S, Sd, d_y, then S_K (minp*), |K| (minp_soft) or S_raw (fixed, T != 1)
     n_cols = 3 + (proxy != "fixed") + (proxy == "minp_soft") + (proxy == "fixed" and temperature != 1.0)
     part = torch.zeros(hi - lo, n_cols, dtype=shard.dtype, device=dev)
+    nan_sd = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
+    band = torch.zeros_like(nan_sd) if proxy != "fixed" else None
     for a, b in _spans(lo, hi, shard.block):
         r = slice(a - lo, b - lo)
         d, e = blocks.get(b - a)
         _shifted(logits2d, a, b, shard, temperature, m[r], d)
-        redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
         part[r, 2] = _pick(d, col[r], owned[r])
         if proxy == "fixed" and temperature != 1.0:  # untempered normaliser, absolute threshold
             part[r, 3] = torch.exp(d * temperature).sum(dim=1)
         if proxy == "minp_soft":
             part[r, 4] = (d >= minp_thr).sum(dim=1)
-        part[r, 0], part[r, 1] = _exp_sums(d, e, redo)  # d is spent from here
+        part[r, 0], part[r, 1], nan_sd[r] = _exp_sums(d, e)  # d is spent from here
         if proxy != "fixed":
-            part[r, 3] = _kept_sum(e, minp_thr, redo)
+            part[r, 3], band[r] = _kept_sum(e, minp_thr)
+    _settle(logits2d, lo, shard, temperature, m, sd=part[:, 1], nan_sd=nan_sd,
+            s_k=part[:, 3] if band is not None else None, band=band, thr=minp_thr)
     s, sd, d_y, *rest = all_reduce_sum(part, group).unbind(1)
 
     if proxy == "fixed":
@@ -477,7 +504,7 @@ def token_stats(
     tp_group=None,
     vocab_size: int | None = None,
     chunk_tokens: int | None = None,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
     backend: str = "auto",
 ) -> TokenStats:
     """Log-prob, entropy and Lp-Reg proxy log-prob of ``target`` in one pass, no grad.
@@ -495,7 +522,8 @@ def token_stats(
         vocab_size: true vocabulary size; columns at or beyond it are padding and
             ignored. Defaults to ``vocab/tp * tp``.
         chunk_tokens: tokens per collective round (None: all in one round).
-        block_elements: size of the reusable temporaries (rows x vocab/tp).
+        block_elements: size of the reusable temporaries (rows x vocab/tp); None: by
+            device (:func:`block_elements_for`).
         backend: ``auto`` (Triton kernels for CUDA logits when Triton runs, else the
             torch passes), ``torch`` or ``triton`` (:mod:`megatron_lpreg.ops.triton_rows`).
 
@@ -626,16 +654,18 @@ def _logprob_sums_torch(logits2d, target1d, lo, hi, shard, temperature, group, b
     m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
     col, owned = _target_columns(target1d[lo:hi], shard)
     part = torch.zeros(hi - lo, 3, dtype=shard.dtype, device=dev)  # d_y, S, Sd
+    nan_sd = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
     for a, b in _spans(lo, hi, shard.block):
         r = slice(a - lo, b - lo)
         d, e = blocks.get(b - a)
         _shifted(logits2d, a, b, shard, temperature, m[r], d)
         part[r, 0] = _pick(d, col[r], owned[r])
         if with_entropy:
-            redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
-            part[r, 1], part[r, 2] = _exp_sums(d, e, redo)
+            part[r, 1], part[r, 2], nan_sd[r] = _exp_sums(d, e)
         else:
             part[r, 1] = torch.exp(d, out=e).sum(dim=1)
+    if with_entropy:
+        _settle(logits2d, lo, shard, temperature, m, sd=part[:, 2], nan_sd=nan_sd)
     d_y, s, sd = all_reduce_sum(part, group).unbind(1)
     return m, d_y, s, sd
 
@@ -698,7 +728,7 @@ def vocab_parallel_logprob(
     vocab_size: int | None = None,
     with_entropy: bool = False,
     chunk_tokens: int | None = None,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
     backend: str = "auto",
 ):
     """Differentiable ``log pi(target)`` (and entropy) from a vocab-parallel logits shard.
@@ -743,13 +773,14 @@ class _MinpProxyKL(torch.autograd.Function):
         for lo, hi in _spans(0, n, shard.chunk):
             m, _ = _global_max(logits2d, lo, hi, shard, temperature, group)
             sums = torch.zeros(hi - lo, 2, dtype=shard.dtype, device=dev)
+            band = torch.zeros(hi - lo, dtype=torch.bool, device=dev)
             for a, b in _spans(lo, hi, shard.block):
                 r = slice(a - lo, b - lo)
                 d, e = blocks.get(b - a)
                 _shifted(logits2d, a, b, shard, temperature, m[r], d)
                 sums[r, 0] = torch.exp(d, out=e).sum(dim=1)
-                redo = functools.partial(_redo_d, logits2d, a, b, shard, temperature, m[r])
-                sums[r, 1] = _kept_sum(e, thr, redo)
+                sums[r, 1], band[r] = _kept_sum(e, thr)
+            _settle(logits2d, lo, shard, temperature, m, s_k=sums[:, 1], band=band, thr=thr)
             saved[lo:hi, 0] = m
             saved[lo:hi, 1:] = torch.log(all_reduce_sum(sums, group))
         ctx.save_for_backward(logits2d, saved)
@@ -780,7 +811,7 @@ def minp_proxy_kl(
     tp_group=None,
     vocab_size: int | None = None,
     chunk_tokens: int | None = None,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
 ) -> torch.Tensor:
     """Exact ``KL(pi_proxy || pi)`` over the whole vocabulary, per token, with grad.
 
