@@ -107,7 +107,10 @@ class _FusedLogProb(torch.autograd.Function):
         g_lp = torch.zeros(n, device=hidden.device) if g_lp is None else g_lp.reshape(-1)
         g_h = g_h.reshape(-1) if use_h else None
         grad_h = torch.empty_like(h2d)
-        grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        # megatron's DDP gives the weight an fp32 main_grad: accumulate there directly
+        grad_w = _main_grad(weight)
+        if grad_w is None:
+            grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for a, b in _spans(0, n, chunk_tokens):
             logits = h2d[a:b] @ weight.t()
             shard = _make_shard(logits, group, vocab_size, None, block_elements, backend)
@@ -115,14 +118,35 @@ class _FusedLogProb(torch.autograd.Function):
                                  g_lp[a:b], g_h[a:b] if use_h else None, temperature, shard, use_h, out=logits)
             _accumulate(g, weight, h2d[a:b], grad_h[a:b], grad_w)
         grad_h = _reduce_hidden_grad(grad_h.reshape(full.shape), hidden.shape, group, sp, reduce_grad)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None, None, None, None, None
+        grad_w = None if _main_grad(weight) is not None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+
+
+def _main_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 gradient buffer megatron's DDP attaches to a parameter (``main_grad``), or None.
+
+    When it exists the weight gradient is added into it and the op returns no gradient
+    for the weight, as megatron's own linear layers do with gradient-accumulation fusion:
+    no bf16 rounding of the whole gradient before DDP adds it to an fp32 buffer, and no
+    weight-sized copy. No ``.grad`` then reaches the parameter's DDP hook, which needs
+    ``overlap_grad_reduce`` off (the trainer's setting, trainer/parallelize.py). A tied
+    embedding's own gradient still arrives through autograd and the hook."""
+    g = getattr(weight, "main_grad", None)
+    return g if isinstance(g, torch.Tensor) and g.dtype == torch.float32 else None
 
 
 def _accumulate(g, weight, h_chunk, grad_h_out, grad_w) -> None:
     """``grad_h_out = g @ W`` and ``grad_w += g^T @ h_chunk`` for one chunk's logits gradient
-    ``g [chunk, V/tp]``."""
-    torch.matmul(g.to(weight.dtype), weight, out=grad_h_out)  # a row slice of a contiguous buffer
-    grad_w.addmm_(g.t().to(grad_w.dtype), h_chunk.to(grad_w.dtype))
+    ``g [chunk, V/tp]``. ``grad_w`` is fp32; the products run in the weight's dtype (bf16:
+    tensor cores, fp32 accumulation inside the matmul), each chunk's product rounded once
+    to it (as megatron's unfused bf16 weight gradient is, once over all tokens) and summed
+    over chunks in fp32. An fp32 matmul of bf16 values would run without tensor cores."""
+    g = g.to(weight.dtype)
+    torch.matmul(g, weight, out=grad_h_out)  # a row slice of a contiguous buffer
+    if grad_w.dtype == weight.dtype:
+        grad_w.addmm_(g.t(), h_chunk)
+    else:
+        grad_w.add_(torch.mm(g.t(), h_chunk.to(weight.dtype)))
 
 
 def _reduce_hidden_grad(grad_h, local_shape, group, sp: bool, reduce_grad: bool):
@@ -169,6 +193,7 @@ class _FusedLogProbLoss(torch.autograd.Function):
         g_lp_all = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         g_h_all = torch.zeros_like(g_lp_all) if with_entropy else None
         grad_h = torch.empty_like(h2d)
+        # not main_grad: these gradients wait for backward's scale (the schedule's 1/n_micro)
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for a, b in _spans(0, n, chunk_tokens):
             logits = h2d[a:b] @ weight.t()
@@ -194,6 +219,7 @@ class _FusedLogProbLoss(torch.autograd.Function):
         # plain attributes, not save_for_backward: backward hands these very buffers on
         # (scaled in place), so the weight gradient never exists twice
         ctx.grads = (grad_h.reshape(full.shape), grad_w)
+        ctx.main_grad = _main_grad(weight)
         ctx.cfg = (group, sequence_parallel, reduce_hidden_grad, weight.dtype, hidden.shape)
         logprob = lp_all.reshape(lead)
         entropy = ent_all.reshape(lead) if with_entropy else torch.zeros(0, device=hidden.device)
@@ -203,10 +229,15 @@ class _FusedLogProbLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_lp, _g_ent):
         grad_h, grad_w = ctx.grads
-        del ctx.grads
+        main_grad = ctx.main_grad
+        del ctx.grads, ctx.main_grad
         group, sp, reduce_grad, w_dtype, local_shape = ctx.cfg
         grad_h = _reduce_hidden_grad(grad_h.mul_(g_loss.to(grad_h.dtype)), local_shape, group, sp, reduce_grad)
-        return (grad_h, grad_w.mul_(g_loss).to(w_dtype)) + (None,) * 14
+        grad_w.mul_(g_loss)
+        if main_grad is not None:
+            main_grad.add_(grad_w)
+            return (grad_h, None) + (None,) * 14
+        return (grad_h, grad_w.to(w_dtype)) + (None,) * 14
 
 
 def _check_separable(final: torch.Tensor, per_chunk: torch.Tensor, what: str) -> None:

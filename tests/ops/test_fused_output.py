@@ -238,3 +238,45 @@ def test_losses_called_token_separable_are(agg):
     for scope in ("micro_batch", "reference"):
         assert not LOSSES["lp_reg"].separable(AlgoConfig(selection_scope=scope))
     assert not any(LOSSES[n].separable(global_scope) for n in ("gspo", "kl_cov", "clip_cov"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss_form", [False, True], ids=["recompute", "loss"])
+def test_weight_gradient_goes_into_main_grad(dtype, loss_form):
+    """Under megatron's DDP a parameter carries an fp32 ``main_grad``: the fused op adds its
+    weight gradient there (no bf16 rounding of the whole gradient, no ``.grad``), on top of
+    what it holds, and it equals the gradient the op returns without one."""
+    from megatron_lpreg.ops.fused_output import fused_logprob, fused_logprob_loss
+
+    hidden, weight, target, c_lp, _ = _inputs(dtype)
+
+    def run(w):
+        h = hidden.clone().requires_grad_()
+        if loss_form:
+            loss, *_ = fused_logprob_loss(h, w, target, lambda lp, e: ((lp * c_lp).sum(), None),
+                                          placeholder_logprob=torch.zeros(T), vocab_size=VOCAB, chunk_tokens=8)
+        else:
+            loss = (fused_logprob(h, w, target, vocab_size=VOCAB, chunk_tokens=8) * c_lp).sum()
+        (loss * 0.5).backward()  # a scale like the schedule's 1 / micro-batches
+
+    plain = weight.clone().requires_grad_()
+    run(plain)
+    ddp = weight.clone().requires_grad_()
+    earlier = torch.randn(V, H, generator=torch.Generator().manual_seed(9))  # an earlier micro-batch's
+    ddp.main_grad = earlier.clone()
+    run(ddp)
+    assert ddp.grad is None
+    got = ddp.main_grad - earlier
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got, plain.grad.float(), **tol)
+    if dtype == torch.bfloat16:  # the sum of per-chunk products stays fp32: closer to fp64 than one rounding
+        exact = _dense_weight_grad(hidden, weight, target, c_lp)
+        assert (got - exact).abs().max() <= (plain.grad.float() - exact).abs().max() + 1e-6
+
+
+def _dense_weight_grad(hidden, weight, target, c_lp):
+    w = weight.double().requires_grad_()
+    logits = (hidden.double() @ w.t())[:, :VOCAB]  # the padded rows get no gradient
+    lp = torch.log_softmax(logits, -1).gather(1, target.unsqueeze(1)).squeeze(1)
+    ((lp * c_lp.double()).sum() * 0.5).backward()
+    return w.grad.float()
