@@ -10,10 +10,16 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# Re-run the installer when what it installs changes.
-$(STAMP): pyproject.toml tools/setup_env.sh
+# Re-run the installer when what it installs changes. It installs exactly a lock in
+# locks/ (e.g. `VENV=/tmp/v make setup` builds a fresh environment from it).
+$(STAMP): pyproject.toml tools/setup_env.sh $(wildcard locks/*.txt)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/setup_env.sh
 	@touch $@
+
+# Regenerate locks/ from pyproject.toml (`make lock UPGRADE=1` moves every version;
+# docs/environment.md).
+lock:
+	UPGRADE=$(UPGRADE) bash tools/lock.sh
 
 lint: setup
 	$(PY) -m ruff check megatron_lpreg tests bench tools launch
@@ -45,9 +51,10 @@ demo: setup
 # The launcher's own environment: nemo-run pins packages that clash with vLLM's, and the
 # launcher needs nothing else (`.venv-launch/bin/python -m launch ...`).
 launch-venv: .venv-launch/.stamp
-.venv-launch/.stamp: pyproject.toml
+.venv-launch/.stamp: $(wildcard locks/launch-*.txt)
 	$(PYTHON) -m venv .venv-launch
-	.venv-launch/bin/python -m pip install -q --disable-pip-version-check "nemo-run>=0.11" "leptonai<0.47" pyyaml
+	.venv-launch/bin/python -m pip install -q --disable-pip-version-check --require-hashes --no-deps \
+		-r locks/launch-py$$(.venv-launch/bin/python -c 'import sys; print("%d%d" % sys.version_info[:2])').txt
 	@touch $@
 
 clean-venv:
