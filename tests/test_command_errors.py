@@ -38,6 +38,10 @@ def _train(task, out, *overrides):
     ("train.steps=ten", "train: error: train.steps: expected int, got 'ten'"),
     ("rollout.max_new_tokens=200", "train: error: data.max_prompt_tokens + rollout.max_new_tokens = 232 exceed"),
     ("ops.backend=cuda", "train: error: ops.backend='cuda' is not one of ('auto', 'torch', 'triton')"),
+    # trained to the end silently, or failed inside vLLM after the ranks started, before ranges
+    ("algo.neg_percent=-0.5", "train: error: algo.neg_percent=-0.5 is out of range: allowed [0, 1]"),
+    ("rollout.n=1", "train: error: rollout.n=1 is out of range: allowed [2, inf)"),
+    ("rollout.temperature=0", "train: error: rollout.temperature=0.0 is out of range: allowed (0, inf)"),
     pytest.param("ops.backend=triton", "train: error: ops.backend=triton needs a CUDA GPU",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")),
 ])
