@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg import collectives
+
 
 def tp_partition(param: torch.Tensor) -> tuple[int, int] | None:
     """(partition_dim, stride) of a tensor-parallel parameter, or None if replicated."""
@@ -42,6 +44,4 @@ def gather_full(t: torch.Tensor, dim: int, stride: int, group) -> torch.Tensor:
     tp = dist.get_world_size(group)
     if tp == 1:
         return t.detach().clone()
-    shards = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(shards, t.detach().contiguous(), group=group)
-    return unshard(shards, dim, stride)
+    return unshard(collectives.all_gather(t.detach().contiguous(), group), dim, stride)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_lpreg.collectives import broadcast_object
 from megatron_lpreg.config import BenchmarkSampling, EvalConfig
 from megatron_lpreg.data.template import encode_prompt
 from megatron_lpreg.eval.benchmarks import (
@@ -21,7 +22,6 @@ from megatron_lpreg.eval.benchmarks import (
     load_benchmark,
 )
 from megatron_lpreg.eval.estimators import avg_at_k, mean_pass_at_k
-from megatron_lpreg.job import broadcast_object
 from megatron_lpreg.rollout.engine import SamplingConfig
 
 

@@ -38,6 +38,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg import collectives
 from megatron_lpreg.ops.vocab_parallel import (
     TokenStats,
     _effective_group,
@@ -52,10 +53,7 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 
 def _gather_sequence(hidden: torch.Tensor, group) -> torch.Tensor:
-    tp = dist.get_world_size(group)
-    parts = [torch.empty_like(hidden) for _ in range(tp)]
-    dist.all_gather(parts, hidden.contiguous(), group=group)
-    return torch.cat(parts, dim=0)
+    return torch.cat(collectives.all_gather(hidden.contiguous(), group), dim=0)
 
 
 def _check(hidden, weight, target, sequence_parallel, group, chunk_tokens):
@@ -156,9 +154,8 @@ def _reduce_hidden_grad(grad_h, local_shape, group, sp: bool, reduce_grad: bool)
         return grad_h
     if sp:
         out = grad_h.new_empty(local_shape)
-        dist.reduce_scatter_tensor(out, grad_h.contiguous(), group=group)
-        return out
-    dist.all_reduce(grad_h, group=group)
+        return collectives.reduce_scatter(out, grad_h.contiguous(), group)
+    collectives.all_reduce(grad_h, group=group)
     return grad_h
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.collectives import all_reduce_host
+from megatron_lpreg.collectives import all_reduce
 
 _MAG = 0x7FFF_FFFF_FFFF_FFFF
 
@@ -33,11 +33,11 @@ def _from_key(key: int) -> float:
 
 
 def _sum(x: torch.Tensor, group) -> torch.Tensor:
-    return all_reduce_host(x, dist.ReduceOp.SUM, group) if group is not None else x
+    return all_reduce(x, dist.ReduceOp.SUM, group) if group is not None else x
 
 
 def _extreme(x: torch.Tensor, op, group) -> torch.Tensor:
-    return all_reduce_host(x, op, group) if group is not None else x
+    return all_reduce(x, op, group) if group is not None else x
 
 
 def global_count(n: int, group=None) -> int:

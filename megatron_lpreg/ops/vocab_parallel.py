@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_lpreg import collectives
+
 PROXY_KINDS = ("minp", "minp_soft", "fixed")
 BACKENDS = ("auto", "torch", "triton")
 
@@ -211,7 +213,7 @@ def _spans(lo: int, hi: int, step: int):
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(t, op=op, group=group)
+        collectives.all_reduce(t, op, group)
     return t
 
 

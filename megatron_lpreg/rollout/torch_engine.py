@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from megatron_lpreg import collectives
 from megatron_lpreg.model.forward import MicroBatch, run_micro_batches
 from megatron_lpreg.rollout.engine import RolloutBatch, RolloutEngine, SamplingConfig
 from megatron_lpreg.rollout.sampling import sample_rows
@@ -118,12 +119,11 @@ def _device_of(model) -> torch.device:
 
 def _from_last_stage(t: torch.Tensor, device) -> torch.Tensor:
     """Broadcast ``t`` from the last pipeline stage to every stage (same TP rank)."""
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return t
     t = t.to(device)
     src = ps.get_pipeline_model_parallel_last_rank()
-    dist.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
+    collectives.broadcast(t, src=src, group=ps.get_pipeline_model_parallel_group())
     return t.cpu()

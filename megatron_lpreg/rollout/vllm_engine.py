@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg import platform
+from megatron_lpreg import collectives, platform
 from megatron_lpreg.rollout.engine import RolloutBatch, RolloutEngine, SamplingConfig
 
 # vLLM's layer-wise reload warns about every layer a partial bucket leaves out;
@@ -250,8 +250,7 @@ class VLLMEngine(RolloutEngine):
                 lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)]
                 local.append((i, list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
         if self.dp > 1:
-            parts: list = [None] * self.dp
-            dist.all_gather_object(parts, local, group=self.dp_group)
+            parts = collectives.all_gather_object(local, group=self.dp_group)
             local = [s for part in parts for s in part]
         local.sort(key=lambda s: s[0])  # stable: a prompt's samples keep their order
         batch = RolloutBatch(

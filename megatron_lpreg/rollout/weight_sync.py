@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megatron_lpreg import collectives
 from megatron_lpreg.job import Groups
 from megatron_lpreg.model.builder import canonical_name
 from megatron_lpreg.model.forward import unwrap
@@ -97,8 +98,7 @@ def _owners(local: dict[str, torch.Tensor], rules, pp_group, pp: int) -> dict[st
     if pp == 1:
         owners = {n: (dist.get_rank(), tuple(p.shape)) for n, p in local.items()}
     else:
-        by_stage: list = [None] * pp
-        dist.all_gather_object(by_stage, {n: tuple(p.shape) for n, p in local.items()}, group=pp_group)
+        by_stage = collectives.all_gather_object({n: tuple(p.shape) for n, p in local.items()}, group=pp_group)
         ranks = dist.get_process_group_ranks(pp_group)
         owners = {}
         for stage in reversed(range(pp)):
@@ -173,7 +173,7 @@ def _stream(gpt, spec: ModelSpec, layout: _Layout, bucket_bytes: int, stats: Syn
                     full[n] = torch.empty(full_shape[n], dtype=dtype, device=device)
                 elif owner_rank[n] == me:
                     full[n] = full[n].contiguous()
-                dist.broadcast(full[n], src=owner_rank[n], group=pp_group)
+                collectives.broadcast(full[n], src=owner_rank[n], group=pp_group)
         size = sum(nbytes[n] for n in bucket)
         if stats is not None:
             stats.buckets += 1
@@ -245,8 +245,7 @@ class WeightSync:
         engine_params = self.engine.local_params(tp_rank=self.groups.tp_rank, tp_size=tp) if self.direct else None
         plan = _direct_plan(layout.rules, layout.owners, engine_params) if engine_params is not None else {}
         # the stream of the rest runs collectives over the whole job: every rank must agree on it
-        everyone: list = [None] * dist.get_world_size(self.groups.world)
-        dist.all_gather_object(everyone, sorted(plan), group=self.groups.world)
+        everyone = collectives.all_gather_object(sorted(plan), group=self.groups.world)
         common = set.intersection(*(set(x) for x in everyone))
         self._layout = layout
         self._direct = {n: dst for n, dst in plan.items() if n in common}
@@ -264,7 +263,7 @@ class WeightSync:
             src = local[n].detach() if owner == me else torch.empty(shape, dtype=dtype, device=dst.device)
             if pp > 1:  # vLLM holds every layer: the owning stage sends its shard to the others
                 src = src.contiguous()
-                dist.broadcast(src, src=owner, group=pp_group)
+                collectives.broadcast(src, src=owner, group=pp_group)
             _copy_shard(src, self._layout.rules[n], dst, self._local_spec)
             stats.direct_bytes += dst.numel() * dst.element_size()
             stats.direct_tensors += 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.collectives import all_reduce_host
+from megatron_lpreg.collectives import all_reduce
 from megatron_lpreg.ops.vocab_parallel import PROXY_SENTINEL
 
 
@@ -35,7 +35,7 @@ def response_token_stats(old_logprob: torch.Tensor, old_entropy: torch.Tensor, r
     }
     t = torch.stack([v.double() for v in sums.values()])
     if group is not None:
-        all_reduce_host(t, dist.ReduceOp.SUM, group)
+        all_reduce(t, dist.ReduceOp.SUM, group)
     return dict(zip(sums, t.tolist(), strict=True))
 
 
@@ -61,7 +61,7 @@ def precondition_stats(old_logprob: torch.Tensor, proxy_logprob: torch.Tensor, a
     t = torch.stack([(m & inside & (old_logprob < math.log(0.1))).sum(), lowest.sum(), (lowest & inside).sum()])
     t = t.double()
     if group is not None:
-        all_reduce_host(t, dist.ReduceOp.SUM, group)
+        all_reduce(t, dist.ReduceOp.SUM, group)
     return dict(zip(("in_proxy_lt_0.1", "lowest_neg", "lowest_neg_in_proxy"), t.tolist(), strict=True))
 
 

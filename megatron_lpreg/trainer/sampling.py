@@ -19,7 +19,7 @@ import torch
 from megatron_lpreg.algo.dynamic_sampling import Group, collect_informative_groups
 from megatron_lpreg.algo.shaping import overlong_penalty
 from megatron_lpreg.config import RunConfig
-from megatron_lpreg.job import broadcast_object
+from megatron_lpreg.collectives import broadcast_object
 from megatron_lpreg.rollout.engine import SamplingConfig
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lpreg.manifest import (
+from megatron_lpreg.collectives import all_gather_object, barrier, broadcast_object
     MANIFEST,
     ManifestError,
     check_files,
@@ -112,8 +113,7 @@ def _on_every_rank(what: str, fn):
         result = fn()
     except Exception as e:  # noqa: BLE001 - reported below, on every rank
         error = f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    errors = all_gather_object(error)
     failed = [e for e in errors if e is not None]
     if failed:
         raise CheckpointError(f"{what} failed on {len(failed)} rank(s): {failed[0]}")
@@ -126,8 +126,6 @@ def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, *
     :class:`CheckpointError` on every rank if a write failed anywhere (the previous
     checkpoints are then untouched). ``manifest=False`` only for measuring its cost."""
     from megatron.core import dist_checkpointing
-
-    from megatron_lpreg.job import broadcast_object
 
     root = checkpoint_root(out_dir)
     final = root / f"step_{step:06d}"
@@ -154,8 +152,7 @@ def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, *
         if manifest:
             names = broadcast_object(list_files(tmp) if rank == 0 else None)
             mine = _on_every_rank(f"hashing checkpoint step {step}", lambda: hash_files(tmp, names[rank::world]))
-            shares: list = [None] * world
-            dist.all_gather_object(shares, mine)
+            shares = all_gather_object(mine)
     except CheckpointError as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -201,8 +198,6 @@ def verify_checkpoint(path: Path, mode: str) -> list[str]:
     """Every rank calls this: problems of the checkpoint at ``path`` against its manifest
     (sizes on rank 0; with ``full`` each rank checksums a share of the files). ``[]``:
     verified. A checkpoint without a manifest (older than manifests) passes."""
-    from megatron_lpreg.job import broadcast_object
-
     if mode == "off":
         return []
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -221,8 +216,7 @@ def verify_checkpoint(path: Path, mode: str) -> list[str]:
     if sizes or mode == "sizes":
         return sizes
     names = sorted(entries)[rank::world]
-    found: list = [None] * world
-    dist.all_gather_object(found, check_files(path, {n: entries[n] for n in names}, checksums=True))
+    found = all_gather_object(check_files(path, {n: entries[n] for n in names}, checksums=True))
     return [p for share in found for p in share]
 
 
@@ -231,8 +225,6 @@ def resumable_checkpoint(out_dir, mode: str = "full", log=print) -> Path | None:
     :func:`verify_checkpoint`); each newer one that fails is moved to
     ``checkpoints/rejected/`` (rank 0) with one line naming the file and the reason.
     None when there is no checkpoint; :class:`CheckpointError` when none verifies."""
-    from megatron_lpreg.job import broadcast_object
-
     root = checkpoint_root(out_dir)
     candidates = broadcast_object([str(p) for p in reversed(_complete(root))] if dist.get_rank() == 0 else None)
     rejected = []
@@ -253,7 +245,7 @@ def resumable_checkpoint(out_dir, mode: str = "full", log=print) -> Path | None:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             log(f"checkpoint {c.name} fails verification: {problems[0]}{more}; moved to {aside}, "
                 "trying the previous one")
-        dist.barrier()
+        barrier()
     if candidates:
         raise CheckpointError(f"no checkpoint in {root} verifies ({'; '.join(rejected)}); they are in "
                               f"{root / 'rejected'}; restore a good copy there or start with a new train.out_dir")

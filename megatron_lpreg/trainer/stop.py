@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from megatron_lpreg.collectives import all_reduce_host
+from megatron_lpreg.collectives import all_reduce
 
 
 class StopRequest:
@@ -30,7 +30,7 @@ class StopRequest:
         import torch
 
         local = self.flag or bool(self.stop_file and os.path.exists(self.stop_file))
-        t = all_reduce_host(torch.tensor([1.0 if local else 0.0]), dist.ReduceOp.MAX, dist.group.WORLD)
+        t = all_reduce(torch.tensor([1.0 if local else 0.0]), dist.ReduceOp.MAX, dist.group.WORLD)
         return bool(t.item() > 0)
 
     def restore(self) -> None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-from megatron_lpreg.collectives import all_reduce_host
+from megatron_lpreg.collectives import all_reduce
 from megatron_lpreg.config import AlgoConfig
 from megatron_lpreg.loss.aer import aer_entropy_term
 from megatron_lpreg.loss.aggregation import REFERENCE_TOKEN_MEAN
@@ -98,7 +98,7 @@ def _micro_batches(lengths: torch.Tensor, algo: AlgoConfig, dp_group) -> list[li
     if not reference_batching.uses_reference_batching(algo):
         return token_budget_micro_batches(lengths, algo.micro_token_budget)
     count = torch.tensor([reference_batching.micro_batch_count(lengths.tolist(), algo.micro_token_budget)])
-    all_reduce_host(count, dist.ReduceOp.MAX, dp_group)
+    all_reduce(count, dist.ReduceOp.MAX, dp_group)
     return reference_batching.micro_batches(lengths.tolist(), int(count))
 
 
@@ -111,7 +111,7 @@ def _scales(batch: UpdateBatch, rows: list[int], micro: list[list[int]], algo: A
         # sequences of the micro-batch / of this rank's mini-batch; DDP's average over ranks is the reference's
         return units, [len(m) / len(rows) * len(micro) for m in micro]
     total = torch.tensor([sum(units)], dtype=torch.float64)
-    all_reduce_host(total, dist.ReduceOp.SUM, groups.dp)
+    all_reduce(total, dist.ReduceOp.SUM, groups.dp)
     return units, [u / max(float(total.item()), 1.0) * len(micro) * groups.dp_size for u in units]
 
 
@@ -128,16 +128,15 @@ def entropy_term(algo: AlgoConfig, entropy, inputs: LossInputs, mask, coef: floa
 
 
 def _all_finite(model, local_bad: bool, world) -> bool:
-    """All ranks agree whether the loss and every gradient are finite (one all-reduce over ``world``)."""
-    bad = torch.tensor([1.0 if local_bad else 0.0])
-    for p in model.parameters():
-        g = getattr(p, "main_grad", None)
-        g = p.grad if g is None else g
-        if g is not None and not bool(torch.isfinite(g).all()):
-            bad.fill_(1.0)
-            break
-    bad = bad.to(next(model.parameters()).device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=world)
+    """All ranks agree whether the loss and every gradient are finite: one fused max-norm
+    over this rank's gradients (NaN or inf if any element is), one all-reduce over
+    ``world`` and one host sync, not one per parameter."""
+    grads = [g for p in model.parameters() if (g := _grad_of(p)) is not None]
+    bad = torch.tensor([1.0 if local_bad else 0.0], device=next(model.parameters()).device)
+    if grads:
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=math.inf)
+        bad = torch.maximum(bad, (~torch.isfinite(norm)).to(bad.dtype).reshape(1).to(bad.device))
+    all_reduce(bad, dist.ReduceOp.MAX, world)
     return bad.item() == 0
 
 
@@ -234,7 +233,7 @@ def _reduce_over_dp(record: dict, groups) -> dict:
     keys = sorted(k for k, v in record.items() if isinstance(v, (int, float)))
     u = record["units"]
     t = torch.tensor([record[k] if _additive(k) else record[k] * u for k in keys], dtype=torch.float64)
-    all_reduce_host(t, dist.ReduceOp.SUM, groups.dp)
+    all_reduce(t, dist.ReduceOp.SUM, groups.dp)
     total = t[keys.index("units")].item() or 1.0
     out = {k: (v if _additive(k) else v / total) for k, v in zip(keys, t.tolist(), strict=True)
            if k != "units"}
