@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from megatron_lpreg.manifest import (
 from megatron_lpreg.collectives import all_gather_object, barrier, broadcast_object
+from megatron_lpreg.manifest import (
     MANIFEST,
     ManifestError,
     check_files,
@@ -51,6 +52,14 @@ from megatron_lpreg.collectives import all_gather_object, barrier, broadcast_obj
     write_manifest,
 )
 from megatron_lpreg.model.forward import unwrap
+from megatron_lpreg.trainer.optim import (
+    DIST_OPTIM_SHARDING,
+    checkpoint_metadata,
+    has_state,
+    is_distributed,
+    prime_state,
+    restore_step_counts,
+)
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -94,10 +103,17 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded(model, optimizer, is_loading: bool) -> dict:
+def _sharded(model, optimizer, is_loading: bool, *, with_optimizer: bool = True) -> dict:
+    """megatron's sharded state dict of the model (and the optimiser); the optimiser part
+    only after the first update: before it Adam holds no moments, and megatron's
+    DistributedOptimizer (without TE or apex) cannot even describe its empty state."""
     # the bare GPTModel's keys: a checkpoint must not depend on the DDP wrapper
     model_sd = unwrap(model).sharded_state_dict()
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    out = {"model": model_sd}
+    if with_optimizer:
+        out["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                        metadata=checkpoint_metadata(optimizer))
+    return out
 
 
 class CheckpointError(RuntimeError):
@@ -138,12 +154,17 @@ def save_checkpoint(out_dir, step: int, model, optimizer, trainer_state: dict, *
                 shutil.rmtree(tmp)
             (tmp / "dist").mkdir(parents=True)
 
+    # what load_checkpoint must ask for: the optimiser's part exists only after an update
+    saved = {"optimizer": has_state(optimizer), "optimizer_sharding": DIST_OPTIM_SHARDING if
+             is_distributed(optimizer) else None, "data_parallel_size": parallel_state.get_data_parallel_world_size()}
+
     def write():
-        dist_checkpointing.save(_sharded(model, optimizer, False), str(tmp / "dist"))
+        dist_checkpointing.save(_sharded(model, optimizer, False, with_optimizer=saved["optimizer"]),
+                                str(tmp / "dist"))
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
         if rank == 0:
             with open(tmp / "trainer_state.json", "w") as f:
-                json.dump(trainer_state, f, indent=1)
+                json.dump({**trainer_state, "checkpoint": saved}, f, indent=1)
 
     try:
         # each phase ends in a collective that every rank reaches, failed or not
@@ -252,20 +273,42 @@ def resumable_checkpoint(out_dir, mode: str = "full", log=print) -> Path | None:
     return None
 
 
+def _check_same_optimizer_layout(path: Path, saved: dict, optimizer) -> None:
+    """A distributed optimiser's dp_reshardable state resumes at the data-parallel size and
+    optimiser kind it was written with: say so in one line instead of a resharding error."""
+    dp = parallel_state.get_data_parallel_world_size()
+    sharding = DIST_OPTIM_SHARDING if is_distributed(optimizer) else None
+    if saved.get("optimizer_sharding", None) != sharding:
+        raise CheckpointError(
+            f"checkpoint {path.name} holds a {'distributed' if saved.get('optimizer_sharding') else 'plain'} "
+            f"optimiser's state and this run uses a {'distributed' if sharding else 'plain'} one: set "
+            f"optim.use_distributed_optimizer as the run that wrote it did")
+    if sharding and saved.get("data_parallel_size", dp) != dp:
+        raise CheckpointError(
+            f"checkpoint {path.name} holds the distributed optimiser's state for data-parallel size "
+            f"{saved['data_parallel_size']}; this run has {dp}: resume with TP x PP x {saved['data_parallel_size']} "
+            f"ranks, as the run that wrote it")
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimiser and this rank's RNG; returns the trainer state."""
     from megatron.core import dist_checkpointing
 
     with open(path / "trainer_state.json") as f:
         trainer_state = json.load(f)
-    # before the first update Adam holds no moments, so a step-0 checkpoint has none, while
-    # the loading template asks for zero-filled ones; a fresh optimiser is exactly that state
-    updated = trainer_state["step"] > 0
-    sharded = _sharded(model, optimizer, True) if updated else {"model": unwrap(model).sharded_state_dict()}
+    # checkpoints written before this record: the optimiser's part came with every update
+    saved = trainer_state.pop("checkpoint", {"optimizer": trainer_state["step"] > 0})
+    if saved["optimizer"]:
+        _check_same_optimizer_layout(path, saved, optimizer)
+        prime_state(optimizer)
+    # without the optimiser's part a fresh optimiser is exactly the saved state (no moments yet)
+    sharded = _sharded(model, optimizer, True, with_optimizer=saved["optimizer"])
     state = dist_checkpointing.load(sharded, str(path / "dist"))
     unwrap(model).load_state_dict(state["model"])
-    if updated:
-        optimizer.load_state_dict(state["optimizer"])
+    if saved["optimizer"]:
+        with torch.no_grad():  # megatron's fp32 main params are views of the weights: copy_ into them
+            optimizer.load_state_dict(state["optimizer"])
+        restore_step_counts(optimizer, state["optimizer"])
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
