@@ -57,6 +57,12 @@ def check_run(cfg, world_size: int | None = None) -> None:
     try:
         spec = load_spec(cfg.model.hf_dir)
     except UnsupportedConfig as e:
+    if cfg.model.attention == "te":
+        from megatron_lpreg.model.attention import te_available
+
+        if not te_available():
+            raise UserError("model.attention=te needs Transformer Engine on a GPU; use model.attention=auto "
+                            "(sdpa where TE is missing)")
         raise UserError(f"model.hf_dir={cfg.model.hf_dir}: {e}") from None
     check_layout(spec, cfg.parallel.tp, cfg.parallel.pp, world_size)
     need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens

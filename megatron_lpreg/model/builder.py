@@ -1,10 +1,11 @@
 """Build a megatron-core ``GPTModel`` from a :class:`ModelSpec` and fill it from HF tensors.
 
 Parallel sizes come from megatron's ``parallel_state`` (initialised by the caller),
-so the same call builds the TP/PP shard this rank owns. The Transformer Engine
-layer spec is used when TE is importable, megatron-core's local spec otherwise;
-weights are named canonically (local spec, global layer numbers) whichever spec
-was built, see :mod:`megatron_lpreg.model.mapping`.
+so the same call builds the TP/PP shard this rank owns. The layers are Transformer
+Engine's when TE is importable, megatron-core's local ones otherwise, with the core
+attention ``model.attention`` picks (:mod:`megatron_lpreg.model.attention`); weights
+are named canonically (local spec, global layer numbers) whichever spec was built,
+see :mod:`megatron_lpreg.model.mapping`.
 """
 
 from __future__ import annotations
@@ -16,19 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lpreg import platform
+from megatron_lpreg.model.attention import (
+    attention_layer_spec,
+    fused_softmax_available,
+    resolve_attention,
+)
 from megatron_lpreg.model.hf_config import ModelSpec
 from megatron_lpreg.model.mapping import TE_RENAMES, all_rules, to_megatron
 from megatron_lpreg.tp_layout import shard_of, tp_partition
-
-
-def te_available() -> bool:
-    if not platform.cuda_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.float32, **overrides):
@@ -66,8 +62,8 @@ def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.flo
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         use_cpu_initialization=not platform.cuda_available(),
-        # the fused kernels need CUDA; on CPU the unfused paths are the only ones
-        masked_softmax_fusion=platform.cuda_available(),
+        # megatron's fused softmax needs its CUDA extensions, which the megatron-core wheel lacks
+        masked_softmax_fusion=fused_softmax_available(),
         bias_activation_fusion=False,
         persist_layer_norm=False,
     )
@@ -75,14 +71,15 @@ def transformer_config(spec: ModelSpec, *, params_dtype: torch.dtype = torch.flo
     return TransformerConfig(**kw)
 
 
-def layer_spec(spec: ModelSpec, use_te: bool | None = None):
+def layer_spec(spec: ModelSpec, attention: str = "auto"):
+    """megatron's layer spec for ``attention`` (``model.attention``: auto | te | sdpa | local)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if use_te is None:
-        use_te = te_available()
-    if use_te:
+    backend = resolve_attention(attention)
+    if backend == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    return specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    return attention_layer_spec(specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm"),
+                                backend)
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -102,13 +99,14 @@ def build_gpt(
     spec: ModelSpec,
     *,
     params_dtype: torch.dtype = torch.float32,
-    use_te: bool | None = None,
+    attention: str = "auto",
     pre_process: bool | None = None,
     post_process: bool | None = None,
     **config_overrides,
 ):
-    """This rank's GPTModel shard. ``pre_process``/``post_process`` default to
-    whether this rank is the first/last pipeline stage."""
+    """This rank's GPTModel shard. ``attention``: ``model.attention``;
+    ``pre_process``/``post_process`` default to whether this rank is the first/last
+    pipeline stage."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -116,7 +114,7 @@ def build_gpt(
     tp = ps.get_tensor_model_parallel_world_size()
     model = GPTModel(
         config,
-        layer_spec(spec, use_te),
+        layer_spec(spec, attention),
         vocab_size=spec.padded_vocab_size(tp),
         max_sequence_length=spec.max_position_embeddings,
         position_embedding_type="rope",

@@ -10,7 +10,7 @@ from megatron_lpreg.trainer.optim import distributed_optimizer
 def model_overrides(par) -> dict:
     """TransformerConfig overrides from ``parallel.*``. Sequence parallelism needs
     Transformer Engine's norms (megatron's torch norm refuses it), so GPU only."""
-    from megatron_lpreg.model.builder import te_available
+    from megatron_lpreg.model.attention import te_available
 
     sp = par.sequence_parallel and par.tp > 1
     if sp and not te_available():

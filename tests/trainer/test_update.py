@@ -77,7 +77,7 @@ def _first_with_loss(res):
 
 def test_full_recompute_gives_the_same_gradient():
     from megatron_lpreg.config import ParallelConfig
-    from megatron_lpreg.model.builder import te_available
+    from megatron_lpreg.model.attention import te_available
     from megatron_lpreg.trainer.parallelize import model_overrides
 
     plain = _first_with_loss(run_ranks(_rank, Layout(tp=2), timeout=300))
