@@ -44,7 +44,8 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
 
 
 def entropy_metric(metrics: dict, entropy: torch.Tensor | None, mask: torch.Tensor) -> dict:
-    """Adds ``metrics["entropy"]``: the token-mean entropy of the valid tokens, when given."""
+    """Adds ``metrics["entropy"]`` (a 0-dim tensor): the token-mean entropy of the valid
+    tokens, when given."""
     if entropy is not None:
-        metrics["entropy"] = float(aggregate(entropy.detach().double(), mask.double(), "token-mean"))
+        metrics["entropy"] = aggregate(entropy.detach().double(), mask.double(), "token-mean")
     return metrics

@@ -48,7 +48,7 @@ def kl_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, k_percent:
     if w is not None:
         pg = pg * w
     loss = aggregate(pg, response_mask, loss_agg_mode)
-    return loss, entropy_metric({"cov/regularised_tokens": int(chosen.sum())}, entropy, response_mask)
+    return loss, entropy_metric({"cov/regularised_tokens": chosen.sum()}, entropy, response_mask)
 
 
 def clip_cov_selection(log_prob, old_log_prob, advantages, response_mask, *, clip_low, clip_high,
@@ -81,5 +81,5 @@ def clip_cov_loss(log_prob, old_log_prob, advantages, response_mask, *, clip_low
     w = tis_weights(old_log_prob, rollout_log_prob, tis_cap)
     if w is not None:
         pg = pg * w
-    metrics = entropy_metric({"cov/dropped_tokens": int(dropped.sum())}, entropy, response_mask)
+    metrics = entropy_metric({"cov/dropped_tokens": dropped.sum()}, entropy, response_mask)
     return aggregate(pg, response_mask, loss_agg_mode), metrics

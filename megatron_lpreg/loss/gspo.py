@@ -42,5 +42,5 @@ def gspo_loss(
     if w is not None:
         pg = pg * w
     loss = aggregate(pg, response_mask, loss_agg_mode)
-    n = max(int(mask.sum()), 1)
-    return loss, entropy_metric({"pg_clipfrac": float((clipped & mask).sum()) / n}, entropy, response_mask)
+    n = mask.sum().clamp(min=1)
+    return loss, entropy_metric({"pg_clipfrac": (clipped & mask).sum() / n}, entropy, response_mask)

@@ -153,7 +153,9 @@ def lp_reg_loss(
         entropy: optional per-token entropy, only for the ``entropy`` metric.
 
     Returns:
-        ``(loss, metrics)``: scalar loss; metrics of python floats.
+        ``(loss, metrics)``: scalar loss; metrics as 0-dim tensors on the loss's device
+        (no host sync: the fused output layer calls this once per chunk; the trainer
+        reads them once per micro-batch).
     """
     mask = response_mask > 0
     ratio = torch.exp(log_prob - old_log_prob)
@@ -180,18 +182,19 @@ def lp_reg_loss(
     loss = aggregate(per_token, response_mask, loss_agg_mode)
 
     with torch.no_grad():
-        n_valid = int(mask.sum())
-        n_reg = int(regularised.sum())
+        n_valid = mask.sum().clamp(min=1)
+        n_reg = regularised.sum()
+        reg = regularised.to(kl.dtype)  # masks, not boolean indexing: that would sync with the host
         # the regulariser's pull on a token's log-prob, -d(beta KL)/d(log pi) (k3: beta (pi_proxy/pi - 1);
         # zero where the clamp holds), beside the advantage the policy gradient pushes with
-        pull = kl_coef * kl_pull(log_prob.detach()[regularised], safe_proxy[regularised], kl_type)
+        pull = kl_coef * kl_pull(log_prob.detach(), safe_proxy, kl_type) * reg
         metrics = {
-            "pg_clipfrac": float((clipped & mask).sum()) / max(n_valid, 1),
-            "lp_reg/selected_tokens": int(selected.sum()),
+            "pg_clipfrac": (clipped & mask).sum() / n_valid,
+            "lp_reg/selected_tokens": selected.sum(),
             "lp_reg/regularised_tokens": n_reg,
-            "lp_reg/regularised_share": n_reg / max(n_valid, 1),
-            "lp_reg/kl_on_regularised": float(kl[regularised].mean()) if n_reg else 0.0,
-            "lp_reg/pull_sum": float(pull.sum()),
-            "lp_reg/adv_abs_on_regularised_sum": float(advantages.detach()[regularised].abs().sum()),
+            "lp_reg/regularised_share": n_reg / n_valid,
+            "lp_reg/kl_on_regularised": (kl.detach() * reg).sum() / n_reg.clamp(min=1),
+            "lp_reg/pull_sum": pull.sum(),
+            "lp_reg/adv_abs_on_regularised_sum": (advantages.detach().abs() * reg).sum(),
         }
     return loss, entropy_metric(metrics, entropy, response_mask)

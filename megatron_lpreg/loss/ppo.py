@@ -65,9 +65,9 @@ def ppo_clip_loss(
     if w is not None:
         pg = pg * w
     loss = aggregate(pg, response_mask, loss_agg_mode)
-    n = max(int(mask.sum()), 1)
+    n = mask.sum().clamp(min=1)  # metrics stay 0-dim tensors: no host sync (see lp_reg_loss)
     metrics = {
-        "pg_clipfrac": float((clipped & mask).sum()) / n,
-        "pg_clipfrac_lower": float((lower & mask).sum()) / n,
+        "pg_clipfrac": (clipped & mask).sum() / n,
+        "pg_clipfrac_lower": (lower & mask).sum() / n,
     }
     return loss, entropy_metric(metrics, entropy, response_mask)

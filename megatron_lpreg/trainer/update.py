@@ -140,6 +140,12 @@ def _all_finite(model, local_bad: bool, world) -> bool:
     return bad.item() == 0
 
 
+def _grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """megatron DDP's fp32 ``main_grad`` where it exists, else ``.grad``."""
+    g = getattr(p, "main_grad", None)
+    return p.grad if g is None else g
+
+
 def policy_update(model, optimizer, batch: UpdateBatch, rows: list[int], algo: AlgoConfig, *, head, groups,
                   temperature: float, aer_alpha: float = 0.0) -> dict:
     """One optimiser step on the mini-batch ``rows`` (row indices of ``batch``). Returns its
@@ -176,11 +182,11 @@ def policy_update(model, optimizer, batch: UpdateBatch, rows: list[int], algo: A
             added = entropy_term(algo, entropy, x, mask, aer_alpha)
             if added is not None:
                 loss = loss + added
-            return loss * x.scale, dict(metrics, loss=float(loss.detach()))
+            return loss * x.scale, dict(metrics, loss=loss.detach())
 
         loss, metrics = head.loss(logits, x.targets, loss_of, temperature=temperature, separable=separable,
                                   old_logprob=x.old_logprob, old_entropy=x.old_entropy)
-        return loss, dict(metrics, units=x.units)
+        return loss, dict(host_values(metrics), units=x.units)
 
     mbs = [MicroBatch(batch.seqs.rows(m).tokens.to(device), {"inputs": LossInputs.of_rows(batch, m, u, s)})
            for m, u, s in zip(micro, units, scales, strict=True)]
@@ -194,6 +200,20 @@ def policy_update(model, optimizer, batch: UpdateBatch, rows: list[int], algo: A
         record.update(grad_norm=float("nan"), skipped=1, skip_reason="non-finite loss or gradients")
         _zero_grads(model, optimizer)
     return record
+
+
+def host_values(metrics: dict) -> dict:
+    """A loss's metrics, 0-dim tensors on the device, as Python numbers (integer tensors as
+    ints), through one device-to-host copy: once per micro-batch, not once per value or
+    per fused chunk."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(metrics)
+    values = torch.stack([metrics[k].detach().reshape(()).to(torch.float64) for k in keys]).tolist()
+    out = dict(metrics)
+    for k, v in zip(keys, values, strict=True):
+        out[k] = int(v) if not metrics[k].is_floating_point() else v
+    return out
 
 
 def _zero_grads(model, optimizer) -> None:

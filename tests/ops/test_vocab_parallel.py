@@ -15,6 +15,7 @@ import torch
 
 from megatron_lpreg.ops import vocab_parallel as vp
 from tests.distributed import Layout, run_ranks
+from tests.host_syncs import HostSyncs
 from tests.ops.dense_reference import dense_stats, logit_space_keep
 
 PADDED = 1024  # divisible by 1, 2 and 4
@@ -352,21 +353,6 @@ def test_fast_kept_sum_equals_exact_sum_with_values_planted_at_the_threshold():
     torch.testing.assert_close(fast[1::3] - fast[2::3], e[1::3, 5], rtol=1e-4, atol=0)
 
 
-class _HostSyncs(torch.overrides.TorchFunctionMode):
-    """Counts the calls that copy a tensor's value to the host (a device sync on CUDA)."""
-
-    SYNCS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
-             torch.Tensor.__float__}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in self.SYNCS
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("proxy", ["minp", "minp_soft", "fixed"])
 def test_host_syncs_per_chunk_not_per_block(proxy):
     """The torch path settles its rare rows (-inf logits, kept-set ties) once per chunk: on a
@@ -379,7 +365,7 @@ def test_host_syncs_per_chunk_not_per_block(proxy):
     t = torch.randint(0, 50, (64,), generator=g)
 
     def syncs(block_elements):
-        with _HostSyncs() as counter:
+        with HostSyncs() as counter:
             vp.token_stats(z, t, proxy=proxy, proxy_threshold=0.02, block_elements=block_elements, backend="torch")
             lp, h = vp.vocab_parallel_logprob(z.clone().requires_grad_(), t, with_entropy=True,
                                               block_elements=block_elements, backend="torch")
