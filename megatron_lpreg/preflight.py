@@ -1,16 +1,19 @@
 """What the command lines check before spawning ranks, so a user's mistake costs one
 line and exit status 2 instead of a traceback per rank.
 
-:func:`check_run` (``python -m megatron_lpreg.train``): paths (model, tokenizer, data,
-benchmarks), the model's config against TP/PP (heads, KV heads, FFN width, layers)
-and its context against the prompt and response lengths, and the world size against
-TP x PP (and the step's rows against DP for the reference's batching). Reading the data
-itself happens in the ranks; its errors are reported once (:mod:`megatron_lpreg.job`).
+:func:`check_run` (``python -m megatron_lpreg.train``): the wandb package when
+``logging.wandb`` is on, paths (model, tokenizer, data, benchmarks), the model's config
+against TP/PP (heads, KV heads, FFN width, layers) and its context against the prompt
+and response lengths, and the world size against TP x PP (and the step's rows against
+DP for the reference's batching). Reading the data itself happens in the ranks; its
+errors are reported once (:mod:`megatron_lpreg.job`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from megatron_lpreg.trainer import wandb_log
 
 
 class UserError(ValueError):
@@ -45,6 +48,8 @@ def check_run(cfg, world_size: int | None = None) -> None:
     from megatron_lpreg.model.hf_config import UnsupportedConfig, load_spec
     from megatron_lpreg.trainer.reference_batching import uses_reference_batching
 
+    if (msg := wandb_log.missing_package(cfg)) is not None:
+        raise UserError(msg)
     check_model_dir(cfg.model.hf_dir, "model.hf_dir")
     if cfg.ops.backend == "triton":
         import torch
@@ -52,17 +57,17 @@ def check_run(cfg, world_size: int | None = None) -> None:
         if not torch.cuda.is_available():
             raise UserError("ops.backend=triton needs a CUDA GPU (Triton's interpreter is for tests); "
                             "use ops.backend=auto or torch")
-    if cfg.model.tokenizer_dir and not Path(cfg.model.tokenizer_dir).is_dir():
-        raise UserError(f"model.tokenizer_dir={cfg.model.tokenizer_dir} does not exist")
-    try:
-        spec = load_spec(cfg.model.hf_dir)
-    except UnsupportedConfig as e:
     if cfg.model.attention == "te":
         from megatron_lpreg.model.attention import te_available
 
         if not te_available():
             raise UserError("model.attention=te needs Transformer Engine on a GPU; use model.attention=auto "
                             "(sdpa where TE is missing)")
+    if cfg.model.tokenizer_dir and not Path(cfg.model.tokenizer_dir).is_dir():
+        raise UserError(f"model.tokenizer_dir={cfg.model.tokenizer_dir} does not exist")
+    try:
+        spec = load_spec(cfg.model.hf_dir)
+    except UnsupportedConfig as e:
         raise UserError(f"model.hf_dir={cfg.model.hf_dir}: {e}") from None
     check_layout(spec, cfg.parallel.tp, cfg.parallel.pp, world_size)
     need = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens

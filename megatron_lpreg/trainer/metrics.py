@@ -1,4 +1,5 @@
-"""Per-step metrics: a JSONL file (the record of a run) plus TensorBoard scalars.
+"""Per-step metrics: a JSONL file (the record of a run) plus TensorBoard scalars and,
+when the run turns it on, a W&B run (:mod:`megatron_lpreg.trainer.wandb_log`).
 
 One rank writes (the last pipeline stage's first TP/DP rank, where the losses
 live); others hold a writer that drops everything.
@@ -66,10 +67,11 @@ def precondition_stats(old_logprob: torch.Tensor, proxy_logprob: torch.Tensor, a
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: str | Path | None, *, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path | None, *, tensorboard: bool = True, wandb=None):
         self.enabled = out_dir is not None
         self.path = None
         self.tb = None
+        self.wandb = wandb  # a trainer.wandb_log.WandbRun, or None
         if not self.enabled:
             return
         out_dir = Path(out_dir)
@@ -101,10 +103,14 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, record["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

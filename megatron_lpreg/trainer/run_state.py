@@ -16,8 +16,9 @@ class TooManyBadSteps(RuntimeError):
 @dataclass
 class RunState:
     """Steps done, the policy version (updates applied), bad-step counts, the data
-    order's position and the AER controller (when the run uses it). ``state_dict`` is
-    the checkpoint's ``trainer_state.json``."""
+    order's position, the AER controller (when the run uses it) and the W&B run id (when
+    it logs there: a resumed run continues that W&B run). ``state_dict`` is the
+    checkpoint's ``trainer_state.json``."""
 
     order: ShuffledOrder
     aer: AERController | None = None
@@ -25,6 +26,7 @@ class RunState:
     version: int = 0
     bad_in_row: int = 0
     bad_total: int = 0
+    wandb_run_id: str = ""
 
     def record_update(self, applied: bool) -> None:
         """After a step's optimiser steps: ``applied`` when at least one was not skipped."""
@@ -41,12 +43,16 @@ class RunState:
                "bad_total": self.bad_total, "data": self.order.state_dict()}
         if self.aer is not None:
             out["aer"] = self.aer.state_dict()
+        if self.wandb_run_id:
+            out["wandb_run_id"] = self.wandb_run_id
         return out
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.version = state["step"], state["version"]
         self.bad_in_row, self.bad_total = state["bad_in_row"], state["bad_total"]
         self.order.load_state_dict(state["data"])
+        # a run that turned W&B on after its last checkpoint keeps the id it was given
+        self.wandb_run_id = state.get("wandb_run_id") or self.wandb_run_id
         if self.aer is not None:
             if "aer" not in state:
                 raise ValueError("this run uses algo.entropy_control=aer but its checkpoint has no AER state "
