@@ -34,6 +34,17 @@ def normalise(ans: str) -> str:
     return a.strip()
 
 
+def _quiet_timeout_notice() -> None:
+    """math-verify warns once per process that its own (signal) timeout is off: here it
+    is off on purpose, the verifier pool kills a worker past ``reward.timeout_s``. Marks
+    that notice as shown; math-verify's other warnings (a parse or comparison that
+    timed out) stay."""
+    import math_verify.grader
+    import math_verify.parser
+
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+
+
 def _parse(ans: str):
     from math_verify import LatexExtractionConfig, parse
 
@@ -46,6 +57,7 @@ def grade(response: str, ground_truth: str, answer_format: str = "any") -> tuple
     (:func:`megatron_lpreg.reward.extract.extract_answer`)."""
     from math_verify import verify
 
+    _quiet_timeout_notice()
     pred = extract_answer(response, answer_format)
     if pred is None:
         return 0.0, "no_answer"

@@ -37,6 +37,19 @@ def cpu_bind_string(local_world: int, cores: int) -> str:
         return "nobind"
     per = cores // local_world
     spans = [(r * per, r * per + per - 1) for r in range(local_world)]
+class _NoTokenizerWarmup(logging.Filter):
+    """Drops the one record vLLM's ``LLM()`` writes on every start with
+    ``skip_tokenizer_init=True``: its chat-template warm-up needs a tokenizer, fails and
+    logs the traceback as a warning (``ValueError: Tokenizer not available when
+    skip_tokenizer_init=True``). This engine never renders chat (the trainer tokenizes);
+    any other record of that logger, a failed warm-up for another reason included, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == "Chat template warmup failed" and isinstance(exc, ValueError)
+                    and "skip_tokenizer_init" in str(exc))
+
+
     return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
@@ -184,6 +197,8 @@ class VLLMEngine(RolloutEngine):
 
         if not self.in_place_weights:
             return None
+        logging.getLogger("vllm.renderers.base").addFilter(_NoTokenizerWarmup())
+        free_cached_memory()  # what the trainer's allocator caches is not vLLM's to profile
         if (vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()) != (tp_size, tp_rank):
             return None
         return dict(self._model().named_parameters())

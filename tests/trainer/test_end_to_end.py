@@ -36,6 +36,14 @@ def test_every_step_is_recorded_with_finite_reward(run):
             assert math.isfinite(r[key]), key
 
 
+def test_the_log_has_no_traceback(run):
+    """Library noise that read as a failure (vLLM's chat-template warm-up traceback,
+    math-verify's timeout notice) is gone from a healthy run's output."""
+    _, _, proc = run
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert not [ln for ln in lines if "Traceback" in ln or "Timeout is disabled" in ln], proc.stdout[-3000:]
+
+
 def test_periodic_evaluation_lands_in_the_metrics(run):
     out, _, _ = run
     recs = {r["step"]: r for r in metrics(out)}
