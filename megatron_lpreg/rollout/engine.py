@@ -119,9 +119,12 @@ class RolloutEngine(ABC):
         self.weights_version = version
 
     def sleep(self) -> None:
-        """Free the engine's memory while the trainer runs (GPU); no-op by default."""
+        """Free the engine's memory while the trainer runs (GPU); no-op by default. An
+        engine that discards its weights sets ``weights_version`` to -1, so the trainer
+        syncs before it samples again."""
         return None
 
-    def wake_up(self) -> None:
-        """Undo :meth:`sleep`."""
+    def wake_up(self, what: str = "all") -> None:
+        """Undo :meth:`sleep` for ``what``: ``weights`` (before a sync writes into them),
+        ``kv_cache`` (after it, so the two never peak together) or ``all``."""
         return None

