@@ -59,3 +59,19 @@ launch-venv: .venv-launch/.stamp
 
 clean-venv:
 	rm -rf $(VENV)
+# Mutation testing of the core with cosmic-ray, in a copy of the tree (docs/testing.md);
+# not part of `make test`: about 30 minutes on 2 cores. E.g. MUTATE_ARGS="--only loss".
+MUTATE_ARGS ?=
+.PHONY: mutate
+mutate: setup
+	$(PY) tools/mutation/run.py $(MUTATE_ARGS)
+
+# The launch cases that do not fit CI's time (docs/launch.md): the two-node requeue,
+# bit-identical to an uninterrupted two-node run, with the two-node, restart and hang
+# tests CI runs too. Root, a real Slurm (installed when missing) and network namespaces.
+.PHONY: test-multinode
+test-multinode: setup
+	@$(MAKE) --no-print-directory launch-venv || echo "[test] no nemo-run environment: the Slurm tests use plain sbatch"
+	LPREG_MULTINODE=1 $(PY) -m pytest -n 2 --dist loadfile tests/launch/test_two_node.py tests/launch/test_slurm.py \
+		tests/trainer/test_hang_watchdog.py $(PYTEST_ARGS)
+

@@ -5,6 +5,9 @@ Long horizons: the job asks for ``--signal=USR1@<grace>`` (to the tasks) and
 ``--requeue``. On the signal the trainer checkpoints and stops after its current
 step; an unfinished run requeues itself and the new job resumes from the newest
 complete checkpoint, as does a resubmitted or ``--dependency=afterany`` chained job.
+Failures: torchrun restarts a failed or hung trainer in place, on every node, at
+most ``max_restarts`` times (``MAX_RESTARTS``), each start resuming from the newest
+verified checkpoint; then the job fails with one line (``docs/launch.md``).
 :func:`render_sbatch` writes the plain sbatch script; the nemo-run path
 (:mod:`launch.nemo`) submits the same task with the same settings.
 """
@@ -21,6 +24,8 @@ NCCL_ENV = {
     "NCCL_IB_TIMEOUT": "22",
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    # NCCL's flight recorder: a hung rank's report (trainer/watchdog.py) lists its last collectives
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
 }
 
 
@@ -41,6 +46,7 @@ class JobSpec:
     container_image: str | None = None
     container_mounts: str | None = None
     signal_grace_s: int = 180
+    max_restarts: int = 3          # torchrun restarts of a failed or hung trainer per allocation
     log_dir: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -48,8 +54,10 @@ class JobSpec:
     def from_recipe(cls, name: str, recipe: Recipe, **kw) -> JobSpec:
         nodes = kw.pop("nodes", None) or recipe.nodes
         time = kw.pop("time", None) or recipe.time
-        return cls(name=name, config=recipe.config, nodes=nodes, gpus_per_node=recipe.gpus_per_node,
-                   procs_per_node=recipe.procs_per_node, time=time, **kw)
+        procs = kw.pop("procs_per_node", None) or recipe.procs_per_node
+        gpus = procs if recipe.gpus_per_node else 0  # a GPU job runs one rank per GPU
+        return cls(name=name, config=recipe.config, nodes=nodes, gpus_per_node=gpus,
+                   procs_per_node=procs, time=time, **kw)
 
     @property
     def job_name(self) -> str:
@@ -62,7 +70,7 @@ class JobSpec:
     def environment(self) -> dict[str, str]:
         env = dict(NCCL_ENV) if self.gpus_per_node else {"OMP_NUM_THREADS": "1"}
         env.update(OUT_DIR=self.out_dir, NPROC_PER_NODE=str(self.procs_per_node), PYTHON=self.python,
-                   REPO=self.repo)
+                   REPO=self.repo, MAX_RESTARTS=str(self.max_restarts))
         env.update(self.env)
         return env
 

@@ -4,11 +4,13 @@ self-launch, process groups, megatron parallel state, and their teardown."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 _SELF_LAUNCHED = "LPREG_SELF_LAUNCHED"
@@ -48,9 +50,10 @@ def _reported_errors(error_dir, since: float) -> list[tuple[int, str]]:
     if error_dir is None or not Path(error_dir).is_dir():
         return []
     out = []
-    for f in Path(error_dir).glob("rank*.txt"):
-        if f.stat().st_mtime >= since - 1:
-            out.append((int(f.stem.removeprefix("rank")), f.read_text().splitlines()[0]))
+    for f in Path(error_dir).glob("rank*.txt"):  # rank<r>.txt, and rank<r>-hang.txt from the watchdog
+        m = re.fullmatch(r"rank(\d+)(?:-hang)?\.txt", f.name)
+        if m and f.stat().st_mtime >= since - 1:
+            out.append((int(m.group(1)), (f.read_text().splitlines() or [""])[0]))
     return sorted(out)
 
 
@@ -169,9 +172,11 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def init_job(tp: int, pp: int = 1) -> Groups:
+def init_job(tp: int, pp: int = 1, *, timeout_s: float | None = None) -> Groups:
     """CPU shims when there is no GPU, this rank's device, the default process group
-    (nccl or gloo) and megatron's parallel state; returns this rank's groups."""
+    (nccl or gloo) and megatron's parallel state; returns this rank's groups.
+    ``timeout_s``: how long a collective waits for the other ranks before it fails
+    (None: the backend's default); megatron's groups inherit it."""
     import torch
     import torch.distributed as dist
 
@@ -182,20 +187,13 @@ def init_job(tp: int, pp: int = 1) -> Groups:
     platform.install_cpu_shims()
     if platform.cuda_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    dist.init_process_group(platform.default_backend())
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(platform.default_backend(), timeout=timeout)
     from megatron.core import parallel_state as ps
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 distributed_timeout_minutes=timeout_s / 60 if timeout_s else 30)
     return Groups.from_parallel_state()
-
-
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from global rank ``src`` to every rank (picklable objects)."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def finish_job() -> None:

@@ -8,7 +8,9 @@ holds a complete checkpoint resumes from the newest one that verifies.
 Mistakes that can be found before the ranks start (unknown config keys, wrong
 types, missing model or data, a TP/PP that does not split the model) are one line
 on stderr and exit status 2; an error inside the ranks is one line too, its
-traceback in ``<train.out_dir>/errors/rank<r>.txt`` (exit status 1).
+traceback in ``<train.out_dir>/errors/rank<r>.txt`` (exit status 1); a rank that makes
+no progress for ``train.hang_timeout_s`` writes its stacks to
+``<train.out_dir>/errors/rank<r>-hang.txt`` and exits 75 (``trainer/watchdog.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron_lpreg.job import (
     relaunch_under_torchrun,
     report_failure,
 )
+from megatron_lpreg.trainer.watchdog import collective_timeout_s
 
 if __name__ == "__mp_main__":  # a rank's spawn child: it goes when the rank goes
     die_with_parent()
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
                                  command="train", error_dir=errors)
     if rc is not None:
         return rc
-    groups = init_job(cfg.parallel.tp, cfg.parallel.pp)
+    groups = init_job(cfg.parallel.tp, cfg.parallel.pp, timeout_s=collective_timeout_s(cfg.train.hang_timeout_s))
     from megatron_lpreg.trainer.loop import train
 
     try:

@@ -15,15 +15,17 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megatron_lpreg import collectives
 from megatron_lpreg.algo.advantages import grpo_advantages
+from megatron_lpreg.collectives import broadcast_object
 from megatron_lpreg.config import RunConfig, eval_max_new_tokens, save_config
 from megatron_lpreg.data.prompts import ShuffledOrder, load_examples
 from megatron_lpreg.data.template import end_token_ids
@@ -35,6 +37,7 @@ from megatron_lpreg.model.hf_config import load_spec
 from megatron_lpreg.model.hf_shards import HFShards
 from megatron_lpreg.rollout.factory import make_engine
 from megatron_lpreg.rollout.weight_sync import WeightSync
+from megatron_lpreg.trainer import wandb_log
 from megatron_lpreg.trainer.batching import (
     data_parallel_rows,
     mini_batch_positions,
@@ -42,19 +45,23 @@ from megatron_lpreg.trainer.batching import (
     token_budget_micro_batches,
     token_imbalance,
 )
+from megatron_lpreg.trainer.gpu_memory import PhaseMemory, release_trainer_cache
 from megatron_lpreg.trainer.head import OutputHead
 from megatron_lpreg.trainer.logprobs import StatsConfig, sequence_stats
 from megatron_lpreg.trainer.memory import estimate
 from megatron_lpreg.trainer.metrics import MetricsWriter, precondition_stats, response_token_stats
 from megatron_lpreg.trainer.optim import make_optimizer, set_lr
 from megatron_lpreg.trainer.parallelize import model_overrides, wrap_ddp
+from megatron_lpreg.trainer.perf import straggler_stats
 from megatron_lpreg.trainer.reference_batching import uses_reference_batching
+from megatron_lpreg.trainer.restarts import record_start, torchrun_restarts
 from megatron_lpreg.trainer.run_state import Intervals, RunState, TooManyBadSteps
 from megatron_lpreg.trainer.sampling import StepSamples, sample_step
 from megatron_lpreg.trainer.state import load_checkpoint, resumable_checkpoint, save_checkpoint
 from megatron_lpreg.trainer.stop import StopRequest
 from megatron_lpreg.trainer.update import UpdateBatch, policy_update
 from megatron_lpreg.trainer.warm_start import warm_start
+from megatron_lpreg.trainer.watchdog import Heartbeat
 
 __all__ = ["FINISHED", "TooManyBadSteps", "train"]
 
@@ -65,8 +72,10 @@ def train(cfg: RunConfig, groups: Groups | None = None) -> list[dict]:
     """Run (or resume) ``cfg``; returns the metrics records written by this run."""
     t = build(cfg, groups or Groups.from_parallel_state())
     records = []
+    t.heartbeat.start()  # from here a rank whose phases stop advancing reports and exits
     try:
         for step in range(t.state.step, cfg.train.steps):
+            t.heartbeat.new_step(step)
             timing = {}
             with clock(timing, "step"):
                 samples = sample(t, step, timing)
@@ -74,6 +83,7 @@ def train(cfg: RunConfig, groups: Groups | None = None) -> list[dict]:
                 updates, lr = update(t, batch, step, timing)
                 t.state.record_update(applied=any(not r["skipped"] for r in updates))
                 evals = evaluate_if_due(t, timing)
+            t.heartbeat.beat("metrics")
             rec = step_record(t, samples, batch, updates, lr, evals, timing)
             if t.state.aer is not None:
                 rec.update(aer_step(t, batch, rec.get("actor/entropy")))
@@ -115,8 +125,11 @@ class Trainer:
     intervals: Intervals
     stop: StopRequest
     writer: MetricsWriter
+    heartbeat: Heartbeat    # advanced by every phase; started by train()
+    memory: PhaseMemory = field(default_factory=PhaseMemory)  # peak GPU memory per phase (CUDA only)
 
     def close(self) -> None:
+        self.heartbeat.close()
         self.stop.restore()
         self.writer.close()
         if self.pool is not None:
@@ -125,15 +138,20 @@ class Trainer:
             self.engine.close()
 
 
-def build(cfg: RunConfig, groups: Groups) -> Trainer:
+def build(cfg: RunConfig, groups: Groups, *, initial_checkpoint: bool = True) -> Trainer:
     """Model, weights, data, optimiser, rollout engine, reward workers; resumes from the
-    newest checkpoint in ``train.out_dir`` or writes step 0 (after the warm start)."""
+    newest checkpoint in ``train.out_dir`` or writes step 0 (after the warm start), unless
+    ``initial_checkpoint`` is false (``megatron_lpreg.diagnose``: nothing is ever saved)."""
     import transformers
     from megatron.core import tensor_parallel
 
     out = Path(cfg.train.out_dir)
+    # an in-place restart by torchrun (launch/) is logged with its cause; the nodes count
+    # restarts differently, so any rank's count decides
+    restarts = collectives.all_reduce(torch.tensor([torchrun_restarts()]), collectives.ReduceOp.MAX, groups.world)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        record_start(out, restarted=int(restarts.item()) > 0)
         save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
@@ -143,7 +161,7 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.params_dtype]
     log(f"memory estimate per GPU (see megatron_lpreg/trainer/memory.py):\n"
         f"{estimate(spec, cfg, world_size=dist.get_world_size()).table()}")
-    gpt = build_gpt(spec, params_dtype=dtype, **model_overrides(cfg.parallel))
+    gpt = build_gpt(spec, params_dtype=dtype, attention=cfg.model.attention, **model_overrides(cfg.parallel))
     load_hf_weights(gpt, spec, HFShards(cfg.model.hf_dir).get)
     head = OutputHead(gpt, fused=cfg.model.fused_output, vocab_size=spec.vocab_size, tp_group=groups.tp,
                       chunk_tokens=cfg.model.fused_chunk_tokens, backend=cfg.ops.backend)
@@ -152,6 +170,8 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
                              max_prompt_tokens=cfg.data.max_prompt_tokens)
     aer = AERController.from_config(cfg.algo) if cfg.algo.entropy_control == "aer" else None
     state = RunState(ShuffledOrder(len(examples), cfg.data.shuffle_seed), aer)
+    if wandb_log.enabled(cfg):  # a new W&B run's id; a checkpoint's, when resuming, replaces it
+        state.wandb_run_id = broadcast_object(wandb_log.new_run_id() if dist.get_rank() == 0 else None)
 
     model = wrap_ddp(gpt, cfg)
     ckpt = resumable_checkpoint(out, cfg.train.verify_checkpoint, log=log)
@@ -164,7 +184,7 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
         if dist.get_rank() == 0:  # an audit trail of restarts (requeues, resubmissions)
             with open(out / "resume_log.jsonl", "a") as f:
                 f.write(json.dumps({"from_step": state.step, "checkpoint": ckpt.name, "time": time.time()}) + "\n")
-    else:
+    elif initial_checkpoint:
         save_checkpoint(out, 0, model, optimizer, state.state_dict(), keep_last=cfg.train.keep_last)
 
     engine = make_engine(cfg, model, spec, head)
@@ -175,12 +195,17 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
 
         pool = VerifierPool(cfg.reward.workers, timeout_s=cfg.reward.timeout_s, memory_mb=cfg.reward.memory_mb,
                             grade_fn=grader_function(cfg.reward.grader, cfg.reward.answer_format))
-    writer = MetricsWriter(out if groups.logging_rank else None, tensorboard=cfg.train.tensorboard)
+    wandb_run = None
+    if groups.logging_rank and wandb_log.enabled(cfg):
+        wandb_run = wandb_log.WandbRun(cfg, out, state.wandb_run_id)
+        print(f"[train] W&B run {state.wandb_run_id}: {wandb_run.location}", flush=True)
+    writer = MetricsWriter(out if groups.logging_rank else None, tensorboard=cfg.train.tensorboard, wandb=wandb_run)
     writer.truncate_after(state.step)
     return Trainer(cfg, groups, out, spec, tokenizer, model, head, optimizer, engine,
                    WeightSync(model, spec, engine, bucket_bytes=cfg.rollout.sync_bucket_mb << 20, groups=groups),
                    pool, examples, end_token_ids(tokenizer, cfg.model.hf_dir), state, Intervals.from_config(cfg),
-                   StopRequest(cfg.train.stop_file), writer)
+                   StopRequest(cfg.train.stop_file), writer,
+                   Heartbeat.for_run(cfg.train.hang_timeout_s, out, dist.get_rank()))
 
 
 # ---------------------------------------------------------------------------- phases
@@ -189,14 +214,17 @@ def build(cfg: RunConfig, groups: Groups) -> Trainer:
 def sample(t: Trainer, step: int, timing: dict) -> StepSamples:
     """Rollout with the current weights (synced first), graded and shaped; with
     ``rollout.dynamic_sampling`` refilled until enough groups are informative."""
-    t.engine.wake_up()
-    with clock(timing, "sync"):
+    release_trainer_cache()
+    t.engine.wake_up("weights")  # before the KV cache: a sync and the cache never peak together
+    with clock(timing, "sync", t.heartbeat, t.memory):
         stats = t.sync.sync(t.state.version) if t.engine.weights_version != t.state.version else None
+    t.engine.wake_up("kv_cache")
     # which path the sync took: shard-to-shard copies vs full tensors through the stream
     timing["rollout/sync_direct_mb"] = stats.direct_bytes / 2**20 if stats else 0.0
     timing["rollout/sync_streamed_mb"] = stats.bytes / 2**20 if stats else 0.0
-    samples = sample_step(t.cfg, t.engine, t.tokenizer, t.examples, t.state.order, t.pool, step=step,
-                          version=t.state.version, stop_ids=t.stop_ids)
+    with t.memory.phase(timing, "rollout"):
+        samples = sample_step(t.cfg, t.engine, t.tokenizer, t.examples, t.state.order, t.pool, step=step,
+                              version=t.state.version, stop_ids=t.stop_ids, beat=t.heartbeat.beat)
     t.engine.sleep()
     timing.update((k, v) for k, v in samples.metrics.items() if k.startswith("time/"))
     return samples
@@ -213,7 +241,7 @@ def prepare_update(t: Trainer, samples: StepSamples, timing: dict) -> UpdateBatc
     mine = parts[t.groups.dp_rank]
     timing["train/dp_token_imbalance"] = token_imbalance(seqs.lengths, parts)
     my = seqs.rows(mine)
-    with clock(timing, "old_logprob"):
+    with clock(timing, "old_logprob", t.heartbeat, t.memory):
         t.model.eval()
         old = sequence_stats(t.model, my, token_budget_micro_batches(my.lengths, cfg.algo.micro_token_budget),
                              t.head, StatsConfig(cfg.rollout.temperature, cfg.algo.proxy, cfg.algo.proxy_threshold))
@@ -226,8 +254,9 @@ def prepare_update(t: Trainer, samples: StepSamples, timing: dict) -> UpdateBatc
     # schedule on placeholders that their loss never reads
     per_token = old or dict.fromkeys(("logprob", "entropy", "proxy_logprob"), torch.zeros_like(my.mask))
     weights = t.state.aer.weights(samples.group_accuracy())[mine] if t.state.aer is not None else None
-    return UpdateBatch(my, adv[mine], per_token["logprob"], per_token["entropy"], per_token["proxy_logprob"],
-                       rollout_lp, weights)
+    # this rank's rows are trimmed to their own longest row (seqs.rows); so are their advantages
+    return UpdateBatch(my, adv[mine, : my.mask.shape[1]], per_token["logprob"], per_token["entropy"],
+                       per_token["proxy_logprob"], rollout_lp, weights)
 
 
 def update(t: Trainer, batch: UpdateBatch, step: int, timing: dict) -> tuple[list[dict], float]:
@@ -239,10 +268,12 @@ def update(t: Trainer, batch: UpdateBatch, step: int, timing: dict) -> tuple[lis
     minis = mini_batch_positions(len(batch.seqs.lengths), cfg.algo.mini_batches,
                                  reference=uses_reference_batching(cfg.algo))
     steps = [rows for _ in range(cfg.algo.ppo_epochs) for rows in minis]
-    with clock(timing, "update"):
-        records = [policy_update(t.model, t.optimizer, batch, rows, cfg.algo, head=t.head, groups=t.groups,
-                                 temperature=cfg.rollout.temperature, aer_alpha=alpha)
-                   for rows in tqdm(steps, desc="update", leave=False, disable=not show_progress(cfg))]
+    records = []
+    with clock(timing, "update", memory=t.memory):
+        for rows in tqdm(steps, desc="update", leave=False, disable=not show_progress(cfg)):
+            t.heartbeat.beat("update")
+            records.append(policy_update(t.model, t.optimizer, batch, rows, cfg.algo, head=t.head, groups=t.groups,
+                                         temperature=cfg.rollout.temperature, aer_alpha=alpha))
     return records, lr
 
 
@@ -251,10 +282,12 @@ def evaluate_if_due(t: Trainer, timing: dict) -> dict:
     if not t.intervals.eval_due(t.state.step):
         return {}
     cfg = t.cfg
-    with clock(timing, "eval"):
-        t.engine.wake_up()
+    with clock(timing, "eval", t.heartbeat, t.memory):
+        release_trainer_cache()
+        t.engine.wake_up("weights")
         if t.engine.weights_version != t.state.version:
             t.sync.sync(t.state.version)
+        t.engine.wake_up("kv_cache")
         max_new = eval_max_new_tokens(cfg)
         max_prompt = max(1, t.spec.max_position_embeddings - max_new)
         res = evaluate(t.engine, t.tokenizer, cfg.eval, t.pool, version=t.state.version,
@@ -269,7 +302,8 @@ def evaluate_if_due(t: Trainer, timing: dict) -> dict:
 
 def step_record(t: Trainer, samples: StepSamples, batch: UpdateBatch, updates: list[dict], lr: float,
                 evals: dict, timing: dict) -> dict:
-    """The step's metrics; token statistics summed over the DP ranks' rows."""
+    """The step's metrics; token statistics summed over the DP ranks' rows; each phase's
+    slowest and fastest rank (``perf/``, one all-gather of every rank's times)."""
     lengths = [len(r) for r in samples.responses]
     rec = {
         "step": t.state.step,
@@ -284,6 +318,7 @@ def step_record(t: Trainer, samples: StepSamples, batch: UpdateBatch, updates: l
         **{k: v for k, v in samples.metrics.items() if not k.startswith("time/")},
         **timing,
         **evals,
+        **straggler_stats(timing, t.groups.world),
     }
     rec["rollout/tokens_per_s"] = samples.num_tokens / max(timing["time/rollout_s"], 1e-9)
     if t.groups.last_stage:
@@ -327,9 +362,8 @@ def aer_step(t: Trainer, batch: UpdateBatch, entropy: float | None) -> dict:
     """AER's coefficient for the next step from this step's entropy (measured on the last
     stage, shared with every rank so all keep the same controller)."""
     value = torch.tensor([entropy if entropy is not None else 0.0], dtype=torch.float64)
-    src = dist.get_process_group_ranks(t.groups.pp)[-1] if t.groups.pp_size > 1 else None
-    if src is not None:
-        dist.broadcast(value, src=src, group=t.groups.pp)
+    if t.groups.pp_size > 1:  # a host value: collectives puts it where the backend wants it
+        collectives.broadcast(value, src=dist.get_process_group_ranks(t.groups.pp)[-1], group=t.groups.pp)
     aer = t.state.aer
     used = aer.alpha
     aer.update(float(value))
@@ -340,6 +374,7 @@ def aer_step(t: Trainer, batch: UpdateBatch, entropy: float | None) -> dict:
 
 def checkpoint_if_due(t: Trainer) -> bool:
     """Save when the intervals say so; returns True when the run must stop now."""
+    t.heartbeat.beat("checkpoint")
     done = t.state.step
     too_bad = t.intervals.too_bad(t.state)
     stopping = t.stop.requested()
@@ -360,10 +395,16 @@ def checkpoint_if_due(t: Trainer) -> bool:
 
 
 @contextmanager
-def clock(timing: dict, name: str):
+def clock(timing: dict, name: str, heartbeat: Heartbeat | None = None, memory: PhaseMemory | None = None):
+    """Adds the block's seconds to ``timing["time/<name>_s"]``; with a heartbeat, the
+    phase ``name`` begins (hang detection); with ``memory``, its peak GPU memory is
+    recorded (``memory/<name>_peak_gib``)."""
     t0 = time.perf_counter()
     try:
-        yield
+        if heartbeat is not None:
+            heartbeat.beat(name)
+        with memory.phase(timing, name) if memory is not None else nullcontext():
+            yield
     finally:
         timing[f"time/{name}_s"] = timing.get(f"time/{name}_s", 0.0) + time.perf_counter() - t0
 

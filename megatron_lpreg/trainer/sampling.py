@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron_lpreg.algo.dynamic_sampling import Group, collect_informative_groups
 from megatron_lpreg.algo.shaping import overlong_penalty
-from megatron_lpreg.config import RunConfig
 from megatron_lpreg.collectives import broadcast_object
+from megatron_lpreg.config import RunConfig
 from megatron_lpreg.rollout.engine import SamplingConfig
 
 
@@ -78,8 +79,10 @@ def _grade(pool, tokenizer, responses, truths) -> list[tuple[float, str]]:
 
 
 def sample_step(cfg: RunConfig, engine, tokenizer, examples, order, pool, *, step: int, version: int,
-                stop_ids: tuple[int, ...]) -> StepSamples:
-    """Draw, generate, grade and shape the step's samples (see the module docstring)."""
+                stop_ids: tuple[int, ...], beat: Callable[[str], None] | None = None) -> StepSamples:
+    """Draw, generate, grade and shape the step's samples (see the module docstring).
+    ``beat(phase)``: called as each round's rollout and grading begin (the hang watchdog)."""
+    beat = beat or (lambda phase: None)
     ro, rw = cfg.rollout, cfg.reward
     drawn = 0
     seconds = {"time/rollout_s": 0.0, "time/reward_s": 0.0}
@@ -92,8 +95,10 @@ def sample_step(cfg: RunConfig, engine, tokenizer, examples, order, pool, *, ste
                                   max_new_tokens=ro.max_new_tokens, stop_token_ids=stop_ids,
                                   seed=cfg.train.seed * 100_003 + step + round_ * 7_919)
         t0 = time.perf_counter()
+        beat("rollout")
         batch = engine.generate([examples[i].prompt_ids for i in picked], sampling, expected_version=version)
         t1 = time.perf_counter()
+        beat("grading")
         graded = _grade(pool, tokenizer, batch.responses, [examples[picked[i]].answer for i in batch.prompt_index])
         seconds["time/rollout_s"] += t1 - t0
         seconds["time/reward_s"] += time.perf_counter() - t1

@@ -24,6 +24,7 @@ def test_one_node_cpu_recipe():
     assert "#SBATCH --cpus-per-task=2" in s and "--gpus-per-node" not in s
     assert "#SBATCH --requeue" in s and "#SBATCH --signal=USR1@180" in s
     assert "export NPROC_PER_NODE=2" in s and f"export REPO={REPO}" in s
+    assert "export MAX_RESTARTS=3" in s  # launch.max_restarts' default
     assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in s
     last = s.strip().splitlines()[-1]
     assert last.startswith("srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash ")
@@ -45,8 +46,9 @@ def test_node_script_runs_torchrun_with_c10d_rendezvous():
     text = (REPO / "launch" / "run_node.sh").read_text()
     for needed in ('--nnodes "$SLURM_JOB_NUM_NODES"', '--nproc_per_node "$NPROC_PER_NODE"',
                    "--rdzv_backend c10d", '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT"', "-m megatron_lpreg.train",
-                   '"train.out_dir=$OUT_DIR"', '"train.stop_file=$STOP_FILE"', "trap on_signal USR1 TERM",
-                   'scontrol requeue "$SLURM_JOB_ID"'):
+                   '"train.out_dir=$OUT_DIR"', '"train.stop_file=$STOP_FILE"', "trap 'on_signal USR1' USR1",
+                   "trap 'on_signal TERM' TERM", 'scontrol requeue "$SLURM_JOB_ID"',
+                   '--max-restarts "$MAX_RESTARTS"', "trap '' USR1", "-m megatron_lpreg.trainer.restarts"):
         assert needed in text, needed
     assert subprocess.run(["bash", "-n", str(REPO / "launch" / "run_node.sh")]).returncode == 0
 
@@ -59,6 +61,15 @@ def test_checked_in_templates_are_current(template):
                      if not line.startswith(("# generated", "# (edit")))
     assert rendered.strip() == body.strip()
     assert subprocess.run(["bash", "-n", str(template)]).returncode == 0
+
+
+def test_two_nodes_one_process_each_and_max_restarts():
+    s = _script("tiny_cpu", "--nodes", "2", "--procs-per-node", "1", "--max-restarts", "1", "parallel.tp=1")
+    assert "#SBATCH --nodes=2" in s and "#SBATCH --cpus-per-task=1" in s and "export NPROC_PER_NODE=1" in s
+    assert "export MAX_RESTARTS=1" in s
+    g = _script("qwen3_14b_lpreg_onpolicy", "--procs-per-node", "4")  # a GPU recipe: a rank per GPU
+    assert "#SBATCH --gpus-per-node=4" in g and "export NPROC_PER_NODE=4" in g
+    assert "export TORCH_NCCL_TRACE_BUFFER_SIZE=2000" in g  # the flight recorder a hang report reads
 
 
 def test_cli_dryrun_prints_the_script():
@@ -84,6 +95,9 @@ def test_baseline_methods_and_recipes_at_paper_scale():
     (["tiny_cpu", "parallel.tp=3"], "launch: error: 1 node(s) x 2 processes = 2 do not split into tp=3 x pp=1"),
     (["qwen3_14b_lpreg_onpolicy", "--nodes", "1", "parallel.tp=16"],
      "launch: error: 1 node(s) x 8 processes = 8 do not split into tp=16 x pp=1"),
+    (["tiny_cpu", "--max-restarts", "-1"], "launch: error: --max-restarts -1 must be >= 0"),
+    (["tiny_cpu", "train.hang_timeout_s=2"],
+     "launch: error: train.hang_timeout_s=2.0 is out of range: allowed [5, inf) or 0"),
 ])
 def test_launch_mistakes_are_one_line_before_submitting(args, message):
     out = subprocess.run([sys.executable, "-m", "launch", *args, "--dryrun", "--plain"], cwd=REPO,

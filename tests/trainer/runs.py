@@ -54,8 +54,10 @@ def metrics(out: Path) -> list[dict]:
 
 
 def deterministic(record: dict) -> dict:
-    """A metrics record without wall-clock measurements."""
-    return {k: v for k, v in record.items() if not k.startswith("time/") and k != "rollout/tokens_per_s"}
+    """A metrics record without wall-clock measurements (``time/``, the ranks' ``perf/``) and
+    the GPU's memory readings (``memory/``)."""
+    return {k: v for k, v in record.items()
+            if not k.startswith(("time/", "perf/", "memory/")) and k != "rollout/tokens_per_s"}
 
 
 def checkpoint_tensors(ckpt: Path, hf_dir: Path) -> dict[str, torch.Tensor]:
