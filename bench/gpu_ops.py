@@ -17,9 +17,9 @@ Writes into ``--out``:
   of the device's peak (``--peak-gbs``, or looked up from the device name).
 * ``fused.json``: hidden 5,120, output layer fused with the op vs logits then the op
   (forward + backward with hidden and weight gradients): seconds, peak memory.
-* ``step.json``: a small megatron GPT at TP=1: one update step (old-policy pass,
-  forward, loss, backward, AdamW step) with Lp-Reg and with GRPO, and the ratio
-  (target: Lp-Reg adds less than 2%).
+* ``step.json``: a small megatron GPT at TP=1 (bf16 weights on CUDA): one update step
+  (old-policy pass, forward, loss, backward, AdamW step) with Lp-Reg and with GRPO, and
+  the ratio (target: Lp-Reg adds less than 2%).
 
 Parts whose packages are missing (megatron-core for the megatron CE and the model
 step) are written as ``{"skipped": "why"}``. ``--device cpu`` with tiny sizes checks
@@ -102,7 +102,7 @@ def _in_one_rank(fn, *args):
     """Run ``fn`` in a fresh TP=1 job (megatron's parallel state initialised)."""
     from megatron_lpreg.local_ranks import Layout, run_ranks
 
-    return run_ranks(fn, Layout(tp=1), *args, timeout=1800)[0]
+    return run_ranks(fn, Layout(tp=1), *args, timeout=500)[0]  # a device command may run 600 s
 
 
 def _megatron_ce(n_tokens: int, vocab: int, repeats: int, peak_gbs: float | None) -> dict:
@@ -210,7 +210,8 @@ def bench_fused(dev, n_tokens, hidden, vocab, repeats) -> dict:
 
 
 def _step_rank(cfg: dict, batch: int, seq: int, repeats: int) -> dict:
-    """A TP=1 job: one update step of a small GPT with each loss, interleaved."""
+    """A TP=1 job: one update step of a small GPT with each loss, interleaved; bf16
+    weights on CUDA (the training dtype), fp32 on CPU."""
     from megatron.core import tensor_parallel
 
     from megatron_lpreg.algo.advantages import grpo_advantages
@@ -223,7 +224,8 @@ def _step_rank(cfg: dict, batch: int, seq: int, repeats: int) -> dict:
     torch.manual_seed(0)
     tensor_parallel.model_parallel_cuda_manual_seed(0)
     spec = spec_from_hf_config(cfg)
-    model = build_gpt(spec).to(dev)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = build_gpt(spec, params_dtype=dtype).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     g = torch.Generator(device=dev).manual_seed(2)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq), generator=g, device=dev)
@@ -256,7 +258,8 @@ def _step_rank(cfg: dict, batch: int, seq: int, repeats: int) -> dict:
             if it:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}, "batch": batch,
+    return {"model": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+            "dtype": str(dtype).removeprefix("torch."), "batch": batch,
             "seq": seq, "seconds": med, "lp_reg_over_grpo": round(med["lp_reg"] / med["grpo"], 4),
             "target": "lp_reg_over_grpo < 1.02"}
 

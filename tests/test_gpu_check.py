@@ -1,11 +1,13 @@
 """``bench/gpu_check.sh`` on the CPU (``--device cpu``: tiny sizes, Triton in its
-interpreter, the CUDA tests skipped) and ``tools/gpu_wheels.sh``: the script's logic,
-its outputs and its errors, where there is no GPU."""
+interpreter, the CUDA tests skipped, the trainer smoke on two gloo ranks) and
+``tools/gpu_wheels.sh``: the script's logic, its outputs and its errors, where there
+is no GPU."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -41,7 +43,10 @@ def test_gpu_check_on_cpu_writes_every_part(tmp_path):
     assert (out / "site" / "gpucheck_probe" / "__init__.py").exists()  # the wheels went into OUT/site
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tests"] == "passed"
-    assert summary["parts"] == {"op": "written", "fused": "written", "step": "written"}
+    assert summary["parts"] == {"op": "written", "fused": "written", "step": "written", "trainer": "written"}
+    assert summary["trainer_exit"] == 0 and all(summary["trainer"]["checks"].values())
+    assert {"resumed_from_step_2", "no_optimizer_state_at_step_0", "distributed_optimizer_layout"} <= set(
+        summary["trainer"]["checks"])
     tests = (out / "tests.txt").read_text()
     assert " passed" in tests and "needs a CUDA GPU" in tests  # Triton cases ran, CUDA ones skipped with why
     op = json.loads((out / "op.json").read_text())
@@ -58,6 +63,18 @@ def test_gpu_check_on_cpu_writes_every_part(tmp_path):
     assert "skip" not in res.stdout.split("tests:")[0]  # megatron-core and pytest are here: nothing skipped
 
 
+def test_gpu_check_fails_when_a_package_it_needs_is_missing(tmp_path):
+    """A check that skipped its tests for want of pytest passed untested: now it stops."""
+    stub = tmp_path / "stub" / "pytest"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    res = _run("bench/gpu_check.sh", str(tmp_path / "out"), "--device", "cpu", timeout=300,
+               env_extra={"PYTHONPATH": str(tmp_path / "stub")})
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "python package 'pytest' is missing" in res.stderr
+    assert not (tmp_path / "out" / "tests.txt").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "usage: bench/gpu_check.sh OUT_DIR"),
     (["OUT", "--device", "tpu"], "--device must be cuda or cpu"),
@@ -72,11 +89,24 @@ def test_gpu_check_bad_arguments(tmp_path, args, message):
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
 
 
-def test_gpu_wheels_fetches_the_tested_megatron_core():
+def test_gpu_wheels_fetches_the_tested_megatron_core_and_what_the_check_imports():
     import megatron.core
 
     res = _run("tools/gpu_wheels.sh", "/tmp/wheels", "--print", timeout=60)
     assert res.returncode == 0, res.stderr
-    cmd = res.stdout.split()
-    assert f"megatron-core=={megatron.core.__version__}" in cmd  # the version the tests here run
-    assert cmd[cmd.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in cmd
+    core, rest = (line.split() for line in res.stdout.strip().splitlines())
+    assert f"megatron-core=={megatron.core.__version__}" in core and "--no-deps" in core  # what the tests run
+    for cmd in (core, rest):
+        assert cmd[cmd.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in cmd
+    assert "--no-deps" not in rest and "-c" in rest  # dependencies resolved, pinned to the GPU lock
+    # every module gpu_check.sh requires is fetched (or comes with CUDA torch)
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    needed = re.search(r"^for mod in (.*); do$", script, re.M).group(1).split()
+    package_of = {"pytest": "pytest", "megatron.core": "megatron-core==", "transformers": "transformers",
+                  "tokenizers": "transformers",  # its dependency
+                  "safetensors": "safetensors", "numpy": "numpy", "yaml": "pyyaml", "xxhash": "xxhash",
+                  "einops": "einops", "tqdm": "tqdm", "math_verify": "math-verify", "triton": None}  # torch's
+    for mod in needed:
+        assert mod in package_of, f"gpu_check.sh requires {mod}: say here which wheel brings it"
+        if package_of[mod]:
+            assert any(arg.startswith(package_of[mod]) for arg in core + rest), mod
