@@ -37,3 +37,15 @@ def test_entropy_term_value_and_gradient():
     assert out.item() == pytest.approx(-0.1 * (2.0 * 3.0 + 0.5 * 12.0) / 5)
     out.backward()
     torch.testing.assert_close(ent.grad, -0.1 * w[:, None] * mask / 5)
+
+
+def test_controller_refuses_settings_outside_their_ranges():
+    AERController(alpha=0.05, alpha_max=0.05)  # both ends of [0, alpha_max] are allowed
+    AERController(alpha=0.0, lr=0.0, alpha_max=0.0, target_ratio=1.0)
+    for bad in (-0.01, 0.06):
+        with pytest.raises(ValueError, match="initial alpha"):
+            AERController(alpha=bad, alpha_max=0.05)
+    with pytest.raises(ValueError, match="lr and alpha_max"):
+        AERController(lr=-0.1)
+    with pytest.raises(ValueError, match="aer_allocation='random'"):
+        AERController(allocation="random")

@@ -81,6 +81,25 @@ def test_fused_bf16_within_tolerance():
             torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2, msg=key)
 
 
+def test_leading_dimensions_are_kept():
+    """[b, s, H] hidden states (the trainer's layout) give the flattened [T, H] result,
+    gradients included."""
+    from megatron_lpreg.ops.fused_output import fused_logprob
+
+    hidden, weight, target, c_lp, c_h = _inputs(torch.float32)
+    grads = []
+    for shape in ((T, H), (4, T // 4, H)):
+        h = hidden.reshape(shape).clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        lp, ent = fused_logprob(h, w, target.reshape(shape[:-1]), vocab_size=VOCAB, with_entropy=True,
+                                chunk_tokens=8)
+        assert lp.shape == ent.shape == shape[:-1]
+        ((lp.reshape(-1) * c_lp).sum() + (ent.reshape(-1) * c_h).sum()).backward()
+        grads.append((lp.detach().reshape(-1), h.grad.reshape(T, H), w.grad))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_shape_errors():
     from megatron_lpreg.ops.fused_output import fused_logprob
 

@@ -65,6 +65,10 @@ def _cases() -> dict[str, dict]:
     zn = torch.randn(16, PADDED, generator=g) * 2
     zn[:, 300:600] = -math.inf  # masked logits are legal; they must not turn into NaN
     add("neg-inf-logits", zn, sampled(zn, PADDED) % 300)
+    # the fixed proxy above T = 1 (its untempered normaliser takes a column of its own)
+    zt = torch.randn(48, PADDED, generator=g) * 3
+    zt[:, 1000:] = 80.0
+    add("fixed-T1.3", zt, sampled(zt, 1000), vocab=1000, proxy="fixed", thr=1e-3, temp=1.3)
     return cases
 
 
@@ -381,3 +385,5 @@ def test_block_size_follows_the_device():
     assert vp.block_elements_for(torch.device("cuda", 0)) == vp.CUDA_BLOCK_ELEMENTS
     shard = vp._make_shard(torch.zeros(4, 151_936 // 8), None, None, None, None)
     assert shard.block == 4  # all rows fit: a CPU block is 1M elements
+    # otherwise the rows that fit: the block bounds the op's temporary memory
+    assert vp._make_shard(torch.zeros(100, 1000), None, None, None, 3000).block == 3

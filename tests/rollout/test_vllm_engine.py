@@ -4,7 +4,7 @@ One spawn runs every check, because creating the engine costs most of the time:
 the trainer's Megatron model is loaded from a tiny HF model, vLLM starts from
 dummy weights and gets the trainer's through :class:`WeightSync`; then
 
-* the trainer's log-probs of vLLM's own samples match vLLM's (mean |diff| < 1e-3);
+* the trainer's log-probs of vLLM's own samples match vLLM's (every token's |diff| < ``MAX_DIFF``);
 * TorchEngine and VLLMEngine give the same greedy continuations;
 * one perturbed trainer layer, not synced, is detected by the same comparison;
 * generating with a stale version is refused.
@@ -146,16 +146,19 @@ def test_stream_only_sync_is_bucketed(results):
     assert max_bucket <= 100_000 or buckets > 1
 
 
+# the largest |trainer - vLLM| log-prob difference of any sampled token, fp32 on both sides
+# (measured on 2 CPU cores: max 6.2e-6 / 6.0e-6 / 8.3e-6 after the three syncs, means
+# 1.2-1.4e-6); a bound on the mean lets one wrong weight element through (one wrong
+# lm_head element: mean 9e-6, max 7e-4)
+MAX_DIFF = 2e-5
+
+
 def test_logprobs_agree_after_sync(results):
-    mean, mx, n = results[0]["synced"]
-    print(f"trainer vs vLLM log-prob |diff| over {n} tokens: mean {mean:.2e}, max {mx:.2e}")
-    assert n > 0 and mean < 1e-3
-    mean, mx, n = results[0]["resynced"]
-    print(f"after a second sync: mean {mean:.2e}, max {mx:.2e}")
-    assert mean < 1e-3
-    mean, mx, n = results[0]["stream_synced"]
-    print(f"after a stream-only sync of a perturbed q/k/v and output layer: mean {mean:.2e}, max {mx:.2e}")
-    assert n > 0 and mean < 1e-3
+    for key, what in (("synced", "after the sync"), ("resynced", "after a second sync"),
+                      ("stream_synced", "after a stream-only sync of a perturbed q/k/v and output layer")):
+        mean, mx, n = results[0][key]
+        print(f"trainer vs vLLM log-prob |diff| {what}, over {n} tokens: mean {mean:.2e}, max {mx:.2e}")
+        assert n > 0 and mx < MAX_DIFF, (what, mean, mx)
 
 
 def test_unsynced_perturbation_is_detected(results):

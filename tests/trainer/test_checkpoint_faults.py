@@ -73,7 +73,7 @@ def _fallback(root):
     from megatron_lpreg.trainer.state import load_checkpoint, resumable_checkpoint
 
     model, opt = _setup(root)
-    out = {}
+    out = {"rng": _rng_round_trip(root / "rng", model, opt)}
     for i, (fault, mode, _) in enumerate(CASES):
         run = root / f"case{i}"
         _save(run, 1, model, opt)
@@ -87,6 +87,32 @@ def _fallback(root):
         out[i] = {"chosen": chosen.name, "lines": lines, "victim": victim, "state": state,
                   "rejected": sorted(p.name for p in rejected.glob("*")) if rejected.exists() else []}
     return out
+
+
+def _draws() -> dict:
+    """One draw from every generator a step may consume: torch's, Python's, numpy's and
+    megatron's tensor-parallel tracker (per TP rank)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        tracker = torch.rand(4)
+    return {"torch": torch.rand(4), "python": random.random(), "numpy": float(np.random.rand()), "tracker": tracker}
+
+
+def _rng_round_trip(run, model, opt):
+    """Save a checkpoint, draw from every generator, load it: the draws after the load
+    repeat the ones after the save (the resume continues the generators, not a reseed)."""
+    from megatron_lpreg.trainer.state import load_checkpoint
+
+    _draws()  # away from the seeds' states
+    path = _save(run, 1, model, opt)
+    after_save = _draws()
+    _draws()
+    load_checkpoint(path, model, opt)
+    return after_save, _draws()
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +137,16 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumed
     name = "rng_rank1.pt" if fault == "missing_rank_file" else f"dist/{r['victim']}"
     assert line.startswith(f"checkpoint step_000002 fails verification: {name}: ") and "moved to" in line
     assert {"truncated": "truncated", "flipped_byte": "checksum differs", "missing_rank_file": "missing"}[fault] in line
+
+
+def test_a_loaded_checkpoint_restores_every_generator_of_its_rank(fallbacks):
+    for r in fallbacks:
+        after_save, after_load = r["rng"]
+        assert after_save.keys() == after_load.keys()
+        for name in after_save:
+            assert torch.equal(torch.as_tensor(after_load[name]), torch.as_tensor(after_save[name])), name
+    # the tracker differs per TP rank: each rank must load its own file
+    assert not torch.equal(fallbacks[0]["rng"][0]["tracker"], fallbacks[1]["rng"][0]["tracker"])
 
 
 def _none_verifies(out):

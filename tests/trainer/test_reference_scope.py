@@ -4,7 +4,8 @@ against a transcription of the reference (Lp-Reg-dev, a verl fork): its
 ``rearrange_micro_batches`` (dynamic batching) with Karmarkar-Karp partitions,
 ``compute_policy_loss_lp_reg`` per micro-batch and the ``len(micro) / mini`` weight,
 FSDP's mean over ranks. The trainer's update runs at DP=2 on a tiny megatron model;
-the transcription recomputes the same gradient in one process."""
+the transcription recomputes the same gradient in one process. In one mini-batch the
+ranks cut different numbers of micro-batches, so the MAX all-reduce is needed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ import random
 import pytest
 import torch
 
-from megatron_lpreg.trainer.reference_batching import balanced_partitions, mini_batch_slices
+from megatron_lpreg.trainer.reference_batching import (
+    balanced_partitions,
+    micro_batch_count,
+    mini_batch_slices,
+)
 from tests.distributed import Layout, run_ranks
 from tests.rollout.tiny_model import CONFIG
 from tests.trainer.random_batch import random_sequences
@@ -136,7 +141,9 @@ def test_mini_batches_are_contiguous_slices_like_split():
 
 # ---------------------------------------------------------------- the update at DP=2
 
-N_ROWS, DP, N_MINI, BUDGET = 16, 2, 2, 16
+# budget 18: in the first mini-batch the ranks' own counts differ (2 and 3 micro-batches),
+# so the MAX all-reduce that keeps them in step decides the cut; in the second they agree
+N_ROWS, DP, N_MINI, BUDGET = 16, 2, 2, 18
 ALGO = dict(loss="lp_reg", selection_scope="reference", loss_agg_mode="reference-token-mean",
             micro_token_budget=BUDGET, neg_percent=0.5, pos_percent=0.4, kl_coef=1.0, clip_low=0.2, clip_high=0.28)
 
@@ -198,6 +205,9 @@ def _rank():
     spec = spec_from_hf_config(CONFIG)
     cfg = RunConfig()
     cfg.optim.lr, cfg.optim.grad_clip = 0.0, 0.0  # the weights stay: every mini-batch sees the same policy
+    # the replicated optimiser: megatron's DistributedOptimizer reduce-scatters the gradients,
+    # so a rank's main_grad holds the reduced gradient only in its own shard
+    cfg.optim.use_distributed_optimizer = False
     for k, v in ALGO.items():
         setattr(cfg.algo, k, v)
     gpt = build_gpt(spec)
@@ -224,6 +234,10 @@ def test_reference_scope_and_weighting_equal_the_transcription_at_dp2():
     res = run_ranks(_rank, Layout(tp=1, dp=DP), timeout=300)
     seqs = _batch()[0]
     assert [r["mine"] for r in res] == ref_partitions(seqs.lengths.tolist(), DP, True)
+    lengths, mini = seqs.lengths.tolist(), N_ROWS // DP // N_MINI
+    own_counts = [[micro_batch_count([lengths[i] for i in r["mine"][m * mini:(m + 1) * mini]], BUDGET) for r in res]
+                  for m in range(N_MINI)]
+    assert own_counts == [[2, 3], [2, 2]], own_counts  # the case covers both: differing and equal counts
     for r in res:
         # the case exercises what it claims: tokens selected and regularised on every rank
         assert r["selected"] > 0 and 0 < r["regularised"] < r["selected"], r
