@@ -85,6 +85,22 @@ def select_lowest(log_prob: torch.Tensor, candidates: torch.Tensor, percent: flo
     return picked
 
 
+def select_tokens(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, neg_percent: float,
+                  pos_percent: float, thresholds: tuple[float | None, float | None] | None = None) -> torch.Tensor:
+    """Bool ``[B, T]``: the tokens Lp-Reg considers among ``mask`` (bool): of the negative
+    (positive) advantage ones, the lowest ``neg_percent`` (``pos_percent``) by log-prob in
+    this batch (the reference's rule, :func:`select_lowest`), or with ``thresholds``
+    (:func:`global_thresholds`) those at or below the negative (positive) threshold."""
+    neg, pos = mask & (advantages < 0), mask & (advantages > 0)
+    if thresholds is None:
+        return select_lowest(log_prob, neg, neg_percent) | select_lowest(log_prob, pos, pos_percent)
+    selected = torch.zeros_like(mask)
+    for cand, thr in ((neg, thresholds[0]), (pos, thresholds[1])):
+        if thr is not None:
+            selected |= cand & (log_prob.detach() <= thr)
+    return selected
+
+
 def _k(n: int, percent: float) -> int:
     """The reference's count: max(1, int(n * percent)), and no selection unless > 1."""
     k = max(1, int(n * percent))
@@ -161,14 +177,8 @@ def lp_reg_loss(
     ratio = torch.exp(log_prob - old_log_prob)
     pg, clipped = clipped_surrogate(ratio, advantages, clip_low, clip_high)
 
-    neg, pos = mask & (advantages < 0), mask & (advantages > 0)
-    if thresholds is None:
-        selected = select_lowest(log_prob, neg, neg_percent) | select_lowest(log_prob, pos, pos_percent)
-    else:
-        selected = torch.zeros_like(mask)
-        for cand, thr in ((neg, thresholds[0]), (pos, thresholds[1])):
-            if thr is not None:
-                selected |= cand & (log_prob.detach() <= thr)
+    selected = select_tokens(log_prob, advantages, mask, neg_percent=neg_percent, pos_percent=pos_percent,
+                             thresholds=thresholds)
     regularised = selected & (log_prob.detach() < proxy_log_prob)
     # Computed everywhere and selected with where(): the unselected branch's
     # gradient is multiplied by an exact zero, so sentinels cannot produce NaN.
