@@ -2,6 +2,7 @@
 
     python tools/estimate_step.py --config examples/qwen25_32b_lpreg_onpolicy.yaml \\
         --hf-config examples/model_configs/qwen25_32b_base.json --gpus 64 --response-tokens 4096
+    python tools/estimate_step.py ... --gpus 64 --response-tokens 2048 4096 --markdown   # docs/training.md's table
 
 Symbols: ``P`` parameters; ``S = prompts_per_step x n`` sequences; ``Lp`` / ``Lr`` mean
 prompt / response tokens (``--prompt-tokens``, ``--response-tokens``); ``Lmax =
@@ -43,7 +44,7 @@ from megatron_lpreg.config import load_config  # noqa: E402
 from megatron_lpreg.model.hf_config import load_spec, spec_from_hf_config  # noqa: E402
 from megatron_lpreg.trainer.memory import param_count  # noqa: E402
 
-# published figures, for scale (see the README's "Step time on paper")
+# published figures, for scale (docs/training.md, "Step time on paper")
 PAPER_32B = {"what": "Lp-Reg paper, Qwen2.5-32B: ~81,204 GPU-hours for ~3,000 steps on 64 GPUs",
              "s_per_step": 81_204 * 3600 / (64 * 3000)}
 NEMO_RL_32B = {"what": "NeMo-RL performance summary, Qwen3-32B GRPO on-policy, 32 H100, 4,096-token sequences",
@@ -94,27 +95,51 @@ def estimate_step(spec, cfg, gpus: int, gpu: GPU, *, prompt_tokens: float, respo
     return StepEstimate(decode + prefill, old, upd, sync, total, s * lr / (total * gpus), tokens / (total * gpus))
 
 
+def markdown(spec, cfg, a, gpu: GPU, response_tokens: list[float], steps: int) -> str:
+    """One row per mean response length, then the published figures (blank where they
+    give nothing to compare)."""
+    lines = [f"| {Path(a.config).stem}, {a.gpus} GPUs, {cfg.rollout.prompts_per_step} x {cfg.rollout.n} sequences, "
+             f"{a.prompt_tokens:,.0f}-token prompts | rollout s | old-policy s | update s | step s "
+             f"| generated tok/s/GPU | GPU-hours, {steps:,} steps |", "|---|---|---|---|---|---|---|"]
+    for lr in response_tokens:
+        e = estimate_step(spec, cfg, a.gpus, gpu, prompt_tokens=a.prompt_tokens, response_tokens=lr)
+        lines.append(f"| mean response {lr:,.0f} tokens | {e.rollout_s:.1f} | {e.old_logprob_s:.1f} | {e.update_s:.1f} "
+                     f"| {e.total_s:.1f} | {e.generated_tokens_per_s_per_gpu:.0f} | {e.total_s * a.gpus * steps / 3600:,.0f} |")
+    for ref in (PAPER_32B, NEMO_RL_32B):
+        tok = f"{ref['tokens_per_s_per_gpu']:.0f}" if "tokens_per_s_per_gpu" in ref else ""
+        lines.append(f"| published: {ref['what']} | | | | {ref['s_per_step']:,.0f} | {tok} | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--hf-config", help="config.json (default: the config's model.hf_dir)")
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--prompt-tokens", type=float, default=250.0, help="mean prompt length")
-    ap.add_argument("--response-tokens", type=float, default=None,
-                    help="mean response length (default: half of rollout.max_new_tokens)")
+    ap.add_argument("--response-tokens", type=float, nargs="+", default=None,
+                    help="mean response length (default: half of rollout.max_new_tokens); "
+                         "with --markdown several, one row each")
     ap.add_argument("--steps", type=int, default=None, help="steps for the GPU-hours line (default: train.steps)")
     for field, value in asdict(GPU()).items():
         ap.add_argument(f"--{field.replace('_', '-')}", type=float, default=value)
     ap.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    ap.add_argument("--markdown", action="store_true", help="a markdown table, the published figures beside")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
     spec = (spec_from_hf_config(json.loads(Path(a.hf_config).read_text())) if a.hf_config
             else load_spec(cfg.model.hf_dir))
     gpu = GPU(**{f: getattr(a, f) for f in asdict(GPU())})
-    lr = a.response_tokens if a.response_tokens is not None else cfg.rollout.max_new_tokens / 2
-    est = estimate_step(spec, cfg, a.gpus, gpu, prompt_tokens=a.prompt_tokens, response_tokens=lr)
+    lrs = a.response_tokens or [cfg.rollout.max_new_tokens / 2]
     steps = a.steps or cfg.train.steps
+    if a.markdown:
+        print(markdown(spec, cfg, a, gpu, lrs, steps))
+        return 0
+    if len(lrs) > 1:
+        raise SystemExit("estimate_step: several --response-tokens need --markdown")
+    lr = lrs[0]
+    est = estimate_step(spec, cfg, a.gpus, gpu, prompt_tokens=a.prompt_tokens, response_tokens=lr)
     out = {"estimate": asdict(est), "gpu_hours": est.total_s * a.gpus * steps / 3600, "steps": steps,
            "gpu": asdict(gpu), "published": [PAPER_32B, NEMO_RL_32B]}
     if a.json:

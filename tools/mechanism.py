@@ -5,6 +5,8 @@ losses (``lp_reg_loss``, ``ppo_clip_loss``, ``grpo_advantages``); no mock.
 
     python tools/mechanism.py                       # table over 8 seeds, JSON on stdout
     python tools/mechanism.py --plot docs/figures/mechanism.png
+    python tools/mechanism.py > docs/results/mechanism.json    # the committed run
+    python tools/mechanism.py --from docs/results/mechanism.json --markdown   # docs/studies.md's table
 
 The scenario (fixed before any result was looked at; ``SCENARIO`` below):
 
@@ -27,7 +29,7 @@ The scenario (fixed before any result was looked at; ``SCENARIO`` below):
 Measured outcomes (``tests/loss/test_mechanism.py`` asserts them with margins):
 GRPO pushes the spark below kappa * p_max (out of the proxy, where nothing protects
 it later); Lp-Reg holds it inside; without the filter (kappa -> 0) the noise mass
-ends higher than with it. Two things this scenario also shows, stated in the README:
+ends higher than with it. Two things this scenario also shows, stated in docs/studies.md:
 with PPO's usual lower clip (0.2) GRPO's own clip already stops the spark's fall
 within a batch, and on-policy (one update per batch) kappa -> 0 makes the proxy the
 old policy itself, so nothing is regularised and Lp-Reg equals GRPO exactly.
@@ -143,23 +145,47 @@ def run(method: str, seed: int, sc: Scenario = SCENARIO) -> Curve:
     return curve
 
 
-def table(seeds: list[int], sc: Scenario = SCENARIO) -> dict:
+def table(seeds: list[int], sc: Scenario = SCENARIO, runs: dict[str, list[Curve]] | None = None) -> dict:
     """Final spark probability and noise mass per method and seed, with mean and std
-    over the seeds whose spark advantage is negative (the scenario's precondition)."""
+    over the seeds whose spark advantage is negative (the scenario's precondition).
+    ``runs``: the curves of every method and seed when already computed."""
     out = {"scenario": asdict(sc), "seeds": seeds, "methods": {}}
     for method in METHODS:
-        curves = [run(method, s, sc) for s in seeds]
+        curves = runs[method] if runs is not None else [run(method, s, sc) for s in seeds]
         kept = [c for c in curves if c.spark_advantage < 0]
         row = {
             "spark_final": [round(c.spark[-1], 5) for c in curves],
             "noise_final": [round(c.noise[-1], 5) for c in curves],
             "spark_advantage": [round(c.spark_advantage, 3) for c in curves],
+            "spark_in_proxy": [c.spark[-1] >= c.proxy_edge[-1] for c in curves],
         }
         for key, vals in (("spark", [c.spark[-1] for c in kept]), ("noise", [c.noise[-1] for c in kept])):
             row[f"{key}_mean"] = round(statistics.mean(vals), 5) if vals else None
             row[f"{key}_std"] = round(statistics.stdev(vals), 5) if len(vals) > 1 else None
         out["methods"][method] = row
     return out
+
+
+LABELS = {"grpo": "GRPO", "lp_reg": "Lp-Reg", "lp_reg_no_filter": "Lp-Reg without the filter (kappa -> 0)"}
+
+
+def markdown(t: dict) -> str:
+    """The table of :func:`table`'s result: mean ± std over the seeds whose spark samples
+    carry negative advantage, how many of them end with the spark inside the proxy, and
+    each seed's noise mass over Lp-Reg's at the same seed (min-max)."""
+    sc = t["scenario"]
+    kept = [i for i, a in enumerate(t["methods"]["grpo"]["spark_advantage"]) if a < 0]
+    noise0 = 1 - sc["p_majority"] - 4 * sc["p_alternative"] - sc["p_spark"]
+    lines = [f"| after {sc['updates']} updates (mean ± std, {len(kept)} seeds) | spark p (start {sc['p_spark']:.3f}) "
+             f"| spark inside the proxy | noise mass (start {noise0:.3f}) | noise / Lp-Reg's, per seed |",
+             "|---|---|---|---|---|"]
+    lp = t["methods"]["lp_reg"]["noise_final"]
+    for method, r in t["methods"].items():
+        ratios = [r["noise_final"][i] / lp[i] for i in kept]
+        inside = sum(r["spark_in_proxy"][i] for i in kept)
+        lines.append(f"| {LABELS[method]} | {r['spark_mean']:.4f} ± {r['spark_std']:.4f} | {inside} of {len(kept)} "
+                     f"| {r['noise_mean']:.4f} ± {r['noise_std']:.4f} | {min(ratios):.2f}-{max(ratios):.2f} |")
+    return "\n".join(lines)
 
 
 def plot(seeds: list[int], path: Path, sc: Scenario = SCENARIO) -> None:
@@ -194,12 +220,16 @@ def main() -> None:
     ap.add_argument("--clip-low", type=float, default=SCENARIO.clip_low,
                     help="1.0 = the paper's (no lower clip); 0.2 = PPO's usual")
     ap.add_argument("--plot", type=Path, help="also write the curves as a PNG")
+    ap.add_argument("--markdown", action="store_true", help="print the table as markdown instead of JSON")
+    ap.add_argument("--from", dest="source", type=Path,
+                    help="read the JSON a run printed (e.g. docs/results/mechanism.json) instead of running")
     a = ap.parse_args()
     if a.seeds < 1 or a.updates < 1:
         raise SystemExit("mechanism: --seeds and --updates must be >= 1")
     sc = replace(SCENARIO, updates=a.updates, clip_low=a.clip_low)
     seeds = list(range(a.seeds))
-    print(json.dumps(table(seeds, sc), indent=1))
+    t = json.loads(a.source.read_text()) if a.source else table(seeds, sc)
+    print(markdown(t) if a.markdown else json.dumps(t, indent=1))
     if a.plot:
         plot(seeds, a.plot, sc)
         print(f"mechanism: curves in {a.plot}", file=sys.stderr)

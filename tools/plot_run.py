@@ -2,11 +2,13 @@
 
     python tools/plot_run.py runs/tiny_cpu --out runs/tiny_cpu/curves.png
     python tools/plot_run.py runs/grpo runs/lp_reg --labels GRPO Lp-Reg --out compare.png --summary
+    python tools/plot_run.py docs/results/demo_tiny_cpu.jsonl --summary    # the table only
 
-Each run directory holds the ``metrics.jsonl`` the trainer writes. One panel per
-metric, one line per run (a moving average over ``--smooth`` steps, the raw
-values faint behind it). ``--summary`` prints a markdown table of each metric's
-mean over the first and the last ``--window`` steps.
+Each run is a directory holding the ``metrics.jsonl`` the trainer writes, or such a
+file itself (labelled by its name without ``.jsonl``). ``--out``: one panel per
+metric, one line per run (a moving average over ``--smooth`` steps, the raw values
+faint behind it). ``--summary`` prints a markdown table of each metric's mean over
+the first and the last ``--window`` steps.
 """
 
 from __future__ import annotations
@@ -184,23 +186,28 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (or metrics.jsonl files)")
     ap.add_argument("--labels", nargs="*", help="one label per run (default: directory names)")
-    ap.add_argument("--out", type=Path, required=True, help="PNG path")
+    ap.add_argument("--out", type=Path, help="PNG path (without it: no figure)")
     ap.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
     ap.add_argument("--smooth", type=int, default=5)
     ap.add_argument("--summary", action="store_true", help="print start/end means as a markdown table")
     ap.add_argument("--window", type=int, default=10)
     a = ap.parse_args(argv)
-    labels = a.labels or [r.name if r.is_dir() else r.parent.name for r in a.runs]
+    if a.out is None and not a.summary:
+        raise SystemExit("plot_run: nothing to do: give --out PNG, --summary or both")
+    labels = a.labels or [r.name if r.is_dir() else r.parent.name if r.name == "metrics.jsonl" else r.stem
+                          for r in a.runs]
     if len(labels) != len(a.runs):
         raise SystemExit(f"{len(a.runs)} runs but {len(labels)} labels")
     runs = {lab: load(r) for lab, r in zip(labels, a.runs, strict=True)}
-    plot(runs, a.metrics, a.out, a.smooth)
+    if a.out is not None:
+        plot(runs, a.metrics, a.out, a.smooth)
     if a.summary:
         print(f"| run | metric | first {a.window} steps | last {a.window} steps |")
         print("|---|---|---|---|")
         for label, m, start, end in summary_rows(runs, a.metrics, a.window):
             print(f"| {label} | {m} | {start:.4f} | {end:.4f} |")
-    print(f"plot: {a.out}")
+    if a.out is not None:
+        print(f"plot: {a.out}")
     return 0
 
 

@@ -1,12 +1,13 @@
 """The Lp-Reg mechanism on one decision (``tools/mechanism.py``): real op, real losses.
 
-Margins are from 8 seeds measured once with the scenario fixed beforehand (README,
+Margins are from 8 seeds measured once with the scenario fixed beforehand (docs/studies.md,
 "Does Lp-Reg do what the paper says"): GRPO's spark ends at 0.0019-0.0048, Lp-Reg's at
 0.0161-0.0250; the no-filter run's noise mass is 1.26-1.86x Lp-Reg's.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -70,3 +71,13 @@ def test_mechanism_on_policy_without_filter_is_grpo():
     for s in SEEDS:
         a, b = mechanism.run("grpo", s, sc), mechanism.run("lp_reg_no_filter", s, sc)
         torch.testing.assert_close(torch.tensor(a.spark + a.noise), torch.tensor(b.spark + b.noise), rtol=1e-5, atol=0)
+
+
+def test_mechanism_docs_table_is_what_the_scenario_gives_today(curves):
+    """docs/studies.md's table is ``tools/mechanism.py --from docs/results/mechanism.json
+    --markdown`` (checked by tests/test_docs_tables.py); the scenario run here prints the
+    same table, so the committed run is today's."""
+    committed = json.loads((Path(__file__).resolve().parents[2] / "docs/results/mechanism.json").read_text())
+    fresh = json.loads(json.dumps(mechanism.table(list(SEEDS), runs=curves)))
+    assert fresh["scenario"] == committed["scenario"]
+    assert mechanism.markdown(fresh) == mechanism.markdown(committed)
