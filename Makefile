@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-stamp
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k vocab -x"`
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench demo launch-venv clean-venv
+.PHONY: setup test lint bench demo launch-venv clean-venv lock
 
 setup: $(STAMP)
 
@@ -40,13 +40,20 @@ bench: setup
 
 # The tiny end-to-end Lp-Reg run (a fresh one each time: the previous demo run is replaced).
 DEMO_OUT ?= runs/tiny_cpu
+DEMO_METRICS := reward/mean reward/accuracy actor/entropy sparks/p_lt_0.1 sparks/p_lt_0.01 \
+	actor/lp_reg/regularised_share response/length_mean
 demo: setup
 	$(PY) tools/make_tiny_task.py --out runs/tiny_task
 	@if [ -d $(DEMO_OUT) ]; then echo "[demo] replacing the previous demo run in $(DEMO_OUT)"; rm -rf $(DEMO_OUT); fi
 	$(PY) -m megatron_lpreg.train --config examples/tiny_cpu.yaml train.out_dir=$(DEMO_OUT)
-	$(PY) tools/plot_run.py $(DEMO_OUT) --out $(DEMO_OUT)/curves.png --summary \
-		--metrics reward/mean reward/accuracy actor/entropy sparks/p_lt_0.1 sparks/p_lt_0.01 \
-		actor/lp_reg/regularised_share
+	$(PY) tools/plot_run.py $(DEMO_OUT) --out $(DEMO_OUT)/curves.png --summary --metrics $(DEMO_METRICS)
+
+# The demo, then its numbers as the golden file (docs/results/demo_tiny_cpu.jsonl, which
+# `pytest -k golden` compares the demo's first steps with), the README's demo table and
+# docs/figures/demo_tiny_cpu.png, all from that one run. Run it when a change moves them.
+.PHONY: demo-golden
+demo-golden: demo
+	$(PY) tools/demo_golden.py $(DEMO_OUT)
 
 # The launcher's own environment: nemo-run pins packages that clash with vLLM's, and the
 # launcher needs nothing else (`.venv-launch/bin/python -m launch ...`).
@@ -57,8 +64,6 @@ launch-venv: .venv-launch/.stamp
 		-r locks/launch-py$$(.venv-launch/bin/python -c 'import sys; print("%d%d" % sys.version_info[:2])').txt
 	@touch $@
 
-clean-venv:
-	rm -rf $(VENV)
 # Mutation testing of the core with cosmic-ray, in a copy of the tree (docs/testing.md);
 # not part of `make test`: about 30 minutes on 2 cores. E.g. MUTATE_ARGS="--only loss".
 MUTATE_ARGS ?=
@@ -75,3 +80,5 @@ test-multinode: setup
 	LPREG_MULTINODE=1 $(PY) -m pytest -n 2 --dist loadfile tests/launch/test_two_node.py tests/launch/test_slurm.py \
 		tests/trainer/test_hang_watchdog.py $(PYTEST_ARGS)
 
+clean-venv:
+	rm -rf $(VENV)

@@ -116,3 +116,15 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# what a clock or the GPU's allocator measured: it differs between two runs of the same steps
+_MEASURED_PREFIXES = ("time/", "perf/", "memory/")
+_MEASURED_KEYS = ("rollout/tokens_per_s",)
+
+
+def deterministic(record: dict) -> dict:
+    """A metrics record without wall-clock measurements (``time/``, the ranks' ``perf/``,
+    tokens per second) and the GPU's memory readings (``memory/``): what the run
+    computed, equal between two runs of the same steps on one machine."""
+    return {k: v for k, v in record.items() if not k.startswith(_MEASURED_PREFIXES) and k not in _MEASURED_KEYS}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lpreg.trainer.metrics import read_metrics
+from megatron_lpreg.trainer.metrics import deterministic, read_metrics  # noqa: F401 - tests import it from here
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
@@ -51,13 +51,6 @@ def fresh_run(tmp_path_factory, *extra: str) -> tuple[Path, Path, subprocess.Com
 
 def metrics(out: Path) -> list[dict]:
     return read_metrics(out / "metrics.jsonl")
-
-
-def deterministic(record: dict) -> dict:
-    """A metrics record without wall-clock measurements (``time/``, the ranks' ``perf/``) and
-    the GPU's memory readings (``memory/``)."""
-    return {k: v for k, v in record.items()
-            if not k.startswith(("time/", "perf/", "memory/")) and k != "rollout/tokens_per_s"}
 
 
 def checkpoint_tensors(ckpt: Path, hf_dir: Path) -> dict[str, torch.Tensor]:
