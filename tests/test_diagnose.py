@@ -81,10 +81,21 @@ def test_diagnose_equals_the_trainers_own_metrics_for_the_same_batch(launched):
     b = report["batches"][0]
     mine = b["on_policy"]["mini_batches"][0]
     trainer = b["drift"]["trainer_updates"][0]
-    assert trainer["lp_reg/selected_tokens"] == mine["selected"]
-    assert trainer["lp_reg/regularised_tokens"] == mine["regularised"]
-    assert trainer["lp_reg/pull_sum"] == pytest.approx(mine["pull_sum"], rel=1e-4, abs=1e-6)
-    assert trainer["lp_reg/adv_abs_on_regularised_sum"] == pytest.approx(mine["adv_abs_sum"], rel=1e-5)
+    # The trainer compares the update's own forward log-probs with the old policy's threshold
+    # (the k-th lowest old log-prob): its micro-batches pad differently from the old-policy
+    # pass, so float noise can move the one token that sits at the threshold across it.
+    # Anything else (a missed mini-batch cut, a wrong pull) moves more than that token.
+    flips = abs(trainer["lp_reg/selected_tokens"] - mine["selected"])
+    assert flips <= 1, (trainer, mine)
+    assert abs(trainer["lp_reg/regularised_tokens"] - mine["regularised"]) <= flips
+    if flips == 0:
+        assert trainer["lp_reg/regularised_tokens"] == mine["regularised"]
+        assert trainer["lp_reg/pull_sum"] == pytest.approx(mine["pull_sum"], rel=1e-4, abs=1e-6)
+        assert trainer["lp_reg/adv_abs_on_regularised_sum"] == pytest.approx(mine["adv_abs_sum"], rel=1e-5)
+    else:  # one token's share at most: k3's pull is below beta (1/0.073 - 1) < 13 before its
+        # clamp, and a GRPO advantage in a group of 8 is at most sqrt(7) < 3 in size
+        assert abs(trainer["lp_reg/pull_sum"] - mine["pull_sum"]) < 13.0
+        assert abs(trainer["lp_reg/adv_abs_on_regularised_sum"] - mine["adv_abs_sum"]) < 3.0
     # and after the update the report is the off-policy one: ratios away from 1
     after = b["drift"]["after"]
     assert after["quantiles"]["ratio"] is None or after["quantiles"]["ratio"]["q90"] != 1.0

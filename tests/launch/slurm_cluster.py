@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,16 +62,6 @@ def netns_unavailable() -> str | None:
     return None
 
 
-def wait_for(pred, timeout: float, what: str) -> None:
-    """Poll ``pred()`` every half second until it is true; AssertionError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def start_or_skip(cluster: SlurmCluster, reason: str | None) -> SlurmCluster:
     """``cluster`` started, or the test skipped with ``reason`` (Slurm or namespaces unavailable)."""
     if reason:
@@ -94,6 +85,9 @@ class SlurmCluster:
 
     def __init__(self, root: Path):
         self.root = root
+        # the daemons' Unix sockets (munge's, slurmstepd's <spool>/<node>_<job>.<step>) must
+        # fit 108 bytes: pytest's tmp_path under xdist does not, so they live in a short path
+        self.sockets = Path(tempfile.mkdtemp(prefix="lpslurm", dir="/tmp"))
         self.procs: list[subprocess.Popen] = []
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -110,7 +104,7 @@ AuthInfo=socket={self.munge_socket}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool-%n
+SlurmdSpoolDir={self.sockets}/spool-%n
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
@@ -145,12 +139,12 @@ AccountingStorageType=accounting_storage/none
 
     @property
     def munge_socket(self) -> Path:
-        return self.root / "munge" / "munge.socket"
+        return self.sockets / "munge.socket"
 
     def start(self) -> SlurmCluster:
         self._start_munge()
         host = socket.gethostname()
-        (self.root / f"spool-{host}").mkdir(parents=True, exist_ok=True)
+        (self.sockets / f"spool-{host}").mkdir(parents=True, exist_ok=True)
         self._write_conf(host, [host], (_free_port(), _free_port()))
         for daemon in ("slurmctld", "slurmd"):
             self.procs.append(subprocess.Popen([_sbin(daemon), "-D", "-f", str(self.conf)], env=self.env,
@@ -174,6 +168,27 @@ AccountingStorageType=accounting_storage/none
             raise RuntimeError(f"{' '.join(cmd)}: {r.stderr}")
         return r
 
+    def wait(self, pred, timeout: float, what: str) -> None:
+        """Poll ``pred()`` every half second until it is true. AssertionError naming ``what``
+        after ``timeout`` s, or at once when a Slurm daemon logged a fatal error (a job that
+        cannot start is requeued forever otherwise)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            if fatal := self.daemon_fatal():
+                raise AssertionError(f"while waiting for {what}: {fatal}")
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def daemon_fatal(self) -> str | None:
+        """The first ``fatal`` line of this cluster's Slurm logs, with its file, or None."""
+        for log in sorted((self.root / "log").glob("*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if "fatal:" in line:
+                    return f"{log.name}: {line.strip()}"
+        return None
+
     def job_state(self, job_id: str) -> str:
         return self.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip()
 
@@ -187,6 +202,7 @@ AccountingStorageType=accounting_storage/none
             except subprocess.TimeoutExpired:
                 p.kill()
         self.procs = []
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 class TwoNodeSlurmCluster(SlurmCluster):
@@ -247,7 +263,7 @@ class TwoNodeSlurmCluster(SlurmCluster):
         self._network_up()
         self._start_munge()
         for n in self.NAMES:
-            (self.root / f"spool-{n}").mkdir(parents=True, exist_ok=True)
+            (self.sockets / f"spool-{n}").mkdir(parents=True, exist_ok=True)
         nodes = [f"{n} NodeAddr={ip} NodeHostname={n}" for n, ip in zip(self.NAMES, self.ADDRS, strict=True)]
         self._write_conf(f"{self.NAMES[0]}({self.ADDRS[0]})", nodes, (_free_port(), _free_port()))
         quiet = dict(env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -16,7 +16,7 @@ import pytest
 
 from launch.__main__ import REPO
 from megatron_lpreg.data.tiny_task import write_task
-from tests.launch.slurm_cluster import SlurmCluster, ensure_slurm, start_or_skip, wait_for
+from tests.launch.slurm_cluster import SlurmCluster, ensure_slurm, start_or_skip
 from tests.trainer.runs import FAST, task_overrides
 
 pytest.importorskip("vllm")
@@ -48,13 +48,13 @@ def test_submit_requeue_resume(cluster, tmp_path):
     job = jobs[0]
 
     ckpts = out / "checkpoints"
-    wait_for(lambda: (ckpts / "step_000003").exists() or cluster.job_state(job) == "", 600, "step 3's checkpoint")
+    cluster.wait(lambda: (ckpts / "step_000003").exists() or cluster.job_state(job) == "", 600, "step 3's checkpoint")
     assert (ckpts / "step_000003").exists(), "the job ended before step 3"
     cluster.run("scontrol", "requeue", job)
-    wait_for(lambda: cluster.job_state(job) == "PENDING", 120, "the requeued job to be pending")
+    cluster.wait(lambda: cluster.job_state(job) == "PENDING", 120, "the requeued job to be pending")
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue delay
-    wait_for(lambda: (out / "FINISHED").exists() or cluster.job_state(job) == "", 900, "the requeued job to finish")
-    wait_for(lambda: cluster.job_state(job) == "", 120, "the job to leave the queue")
+    cluster.wait(lambda: (out / "FINISHED").exists() or cluster.job_state(job) == "", 900, "the requeued job to finish")
+    cluster.wait(lambda: cluster.job_state(job) == "", 120, "the job to leave the queue")
     assert (out / "FINISHED").exists(), "the requeued job ended unfinished"
 
     with open(out / "metrics.jsonl") as f:
@@ -77,7 +77,7 @@ def test_restart_limit_stops_a_run_that_fails_at_every_start(cluster, tmp_path):
     sub = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=cluster.env, timeout=300)
     assert sub.returncode == 0, sub.stdout[-2000:] + sub.stderr[-3000:]
     job = cluster.run("squeue", "-h", "-o", "%i").stdout.split()[0]
-    wait_for(lambda: cluster.job_state(job) == "", 900, "the job to end")
+    cluster.wait(lambda: cluster.job_state(job) == "", 900, "the job to end")
 
     log = "".join(p.read_text(errors="replace") for p in (out / "slurm").glob("slurm-*.out"))
     last = [line for line in log.splitlines() if "giving up" in line]

@@ -33,7 +33,6 @@ from tests.launch.slurm_cluster import (
     ensure_slurm,
     netns_unavailable,
     start_or_skip,
-    wait_for,
 )
 from tests.trainer.runs import FAST, checkpoint_tensors, deterministic, metrics, task_overrides
 
@@ -91,8 +90,8 @@ def slurm_log(out: Path) -> str:
 
 
 def finished(cluster, out: Path, job: str, timeout: float = 900) -> None:
-    wait_for(lambda: (out / "FINISHED").exists() or cluster.job_state(job) == "", timeout, "the run to finish")
-    wait_for(lambda: cluster.job_state(job) == "", 120, "the job to leave the queue")
+    cluster.wait(lambda: (out / "FINISHED").exists() or cluster.job_state(job) == "", timeout, "the run to finish")
+    cluster.wait(lambda: cluster.job_state(job) == "", 120, "the job to leave the queue")
     assert (out / "FINISHED").exists(), slurm_log(out)[-4000:]
 
 
@@ -100,7 +99,7 @@ def test_two_node_dp2_run_survives_a_killed_rank(two_nodes, tmp_path):
     task = write_task(tmp_path / "task", train_rows=300)
     out = tmp_path / "run"
     job = submit(two_nodes, out, task, "parallel.tp=1")
-    wait_for(lambda: (out / "checkpoints" / "step_000002").exists(), 900, "step 2's checkpoint")
+    two_nodes.wait(lambda: (out / "checkpoints" / "step_000002").exists(), 900, "step 2's checkpoint")
     assert two_nodes.job_state(job) == "RUNNING"
     os.kill(rank_pid(two_nodes.ns[1], rank=1), signal.SIGKILL)  # rank 1 runs on the second node
     finished(two_nodes, out, job)
@@ -126,10 +125,10 @@ def test_two_node_tp2_requeue_is_bit_identical(two_nodes, tmp_path):
     # both at once: each node has a core for each job
     a = submit(two_nodes, straight, task)
     b = submit(two_nodes, requeued, task, nemo=LAUNCH_PYTHON.exists())
-    wait_for(lambda: (requeued / "checkpoints" / "step_000002").exists(), 900, "step 2's checkpoint")
+    two_nodes.wait(lambda: (requeued / "checkpoints" / "step_000002").exists(), 900, "step 2's checkpoint")
     # Slurm's pre-termination signal (the job's --signal=USR1@<grace>), sent now
     two_nodes.run("scancel", "--signal=USR1", b)
-    wait_for(lambda: two_nodes.job_state(b) == "PENDING", 300, "the job to requeue itself")
+    two_nodes.wait(lambda: two_nodes.job_state(b) == "PENDING", 300, "the job to requeue itself")
     assert not (requeued / "FINISHED").exists()
     two_nodes.run("scontrol", "update", f"JobId={b}", "StartTime=now")  # skip Slurm's requeue delay
     finished(two_nodes, straight, a)

@@ -62,6 +62,14 @@ def test_this_environment_is_its_lock():
     lock = LOCKS / f"{'cpu' if '+cpu' in torch_version else 'gpu'}-py{sys.version_info[0]}{sys.version_info[1]}.txt"
     if not lock.exists():
         pytest.skip(f"no lock for this environment ({lock.name})")
-    installed = {norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
-    wrong = {k: (v, installed.get(k)) for k, v in pins(lock.name).items() if installed.get(k) != v}
+    wrong = {k: (v, installed_version(k)) for k, v in pins(lock.name).items() if installed_version(k) != v}
     assert not wrong, f"not the locked version (locked, installed): {wrong}; run make setup"
+
+
+def installed_version(name: str) -> str | None:
+    """The version an import would find: the first on sys.path. (Not every dist-info on it:
+    setuptools puts its vendored packaging, platformdirs, ... on sys.path once imported.)"""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

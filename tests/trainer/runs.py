@@ -16,7 +16,7 @@ CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
 
 # small and fast: a few steps of everything, the structure of the demo
 FAST = [
-    "warm_start.steps=40", "warm_start.batch_size=32",
+    "warm_start.steps=40", "warm_start.batch_size=32", "warm_start.lr=2.0e-3",  # the demo's is slower
     "rollout.prompts_per_step=8", "rollout.n=4", "rollout.max_new_tokens=6",
     "algo.mini_batches=2", "algo.neg_percent=0.5", "train.save_every=1", "train.keep_last=10",
     "reward.workers=1",
