@@ -86,6 +86,9 @@ def test_a_run_logs_config_and_steps_and_continues_under_its_id(tmp_path):
     second = WandbRun(cfg, tmp_path, "abc12345")  # as a resumed training run does
     second.log({"step": 3, "reward/mean": 0.75})
     second.close()
+    # a training process's exit ends W&B's service, which is what finishes its files: under
+    # load the service can still be writing a finished run's records when finish() returns
+    wandb.teardown()
 
     runs = offline_runs(tmp_path)
     assert [r["id"] for r in runs] == ["abc12345", "abc12345"]
