@@ -15,7 +15,14 @@ Writes
 
 then rewrites the README's demo table from the new file (``tools/docs_tables.py
 --write --only demo_tiny_cpu``). ``tests/test_demo_golden.py`` (``pytest -k golden``)
-runs the demo's first steps and compares them with the file's first records.
+runs the demo's first steps and compares them with the first records of the golden
+file of this machine's kind.
+
+The CPU's vendor and vector units choose the kernels, and so the digits (docs/results.md):
+each kind of machine (``machine_key``: e.g. ``intel-avx512-amx``, ``amd-avx512``) has its
+own golden file. The README's is ``demo_tiny_cpu.jsonl``; on a machine of another kind
+this writes ``demo_tiny_cpu.<key>.jsonl`` and its ``.env.json`` beside it, and rewrites the
+table in docs/results.md printed from it, leaving the README's file, table and figure.
 """
 
 from __future__ import annotations
@@ -103,6 +110,28 @@ def environment() -> dict:
     }
 
 
+def machine_key(env: dict) -> str:
+    """The kind of machine a golden file holds for: the CPU's vendor, torch's CPU capability
+    and AMX (e.g. ``intel-avx512-amx``, ``amd-avx512``): what selects the kernels."""
+    model = (env.get("cpu") or "").lower()
+    vendor = next((v for v in ("intel", "amd", "arm") if v in model), "cpu")
+    key = f"{vendor}-{(env.get('torch_cpu_capability') or 'default').lower()}"
+    return key + ("-amx" if "amx_tile" in env.get("cpu_flags", []) else "")
+
+
+def golden_for(key: str) -> tuple[Path, Path]:
+    """``(metrics file, environment file)`` of the golden run for machines of ``key``: the
+    README's when it was measured on such a machine, else ``demo_tiny_cpu.<key>.jsonl``."""
+    if not ENV.exists() or machine_key(json.loads(ENV.read_text())) == key:
+        return GOLDEN, ENV
+    return GOLDEN.with_name(f"demo_tiny_cpu.{key}.jsonl"), ENV.with_name(f"demo_tiny_cpu.{key}.env.json")
+
+
+def recorded_keys() -> list[str]:
+    """The kinds of machine that have a golden file."""
+    return sorted(machine_key(json.loads(p.read_text())) for p in GOLDEN.parent.glob("demo_tiny_cpu*.env.json"))
+
+
 def describe(env: dict) -> str:
     """One line: the machine and versions a golden file was measured with."""
     pk = env.get("packages", {})
@@ -113,19 +142,26 @@ def describe(env: dict) -> str:
 
 def write(run: Path) -> None:
     rows = [deterministic(r) for r in read_metrics(run / "metrics.jsonl")]
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    GOLDEN.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     env = environment()
-    ENV.write_text(json.dumps({**env, "steps": len(rows)}, indent=1) + "\n")
-    print(f"[demo-golden] {len(rows)} steps -> {GOLDEN.relative_to(ROOT)}; measured with: {describe(env)}")
+    golden, env_file = golden_for(machine_key(env))
+    golden.parent.mkdir(parents=True, exist_ok=True)
+    golden.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    env_file.write_text(json.dumps({**env, "steps": len(rows)}, indent=1) + "\n")
+    print(f"[demo-golden] {len(rows)} steps -> {golden.relative_to(ROOT)}; measured with: {describe(env)}")
     if not env["packages_as_locked"]:
         print(f"[demo-golden] warning: the venv's packages are not {env['lock']}'s: `make clean-venv setup` "
               "installs exactly the lock, and the golden file should be measured there", file=sys.stderr)
     py = sys.executable
-    subprocess.run([py, "tools/plot_run.py", str(GOLDEN), "--out", str(FIGURE), "--metrics", *METRICS],
-                   cwd=ROOT, check=True)
-    subprocess.run([py, "tools/docs_tables.py", "--write", "--only", "demo_tiny_cpu", "README.md"], cwd=ROOT,
-                   check=True)
+    if golden == GOLDEN:  # the README's machine: its figure and table too
+        subprocess.run([py, "tools/plot_run.py", str(GOLDEN), "--out", str(FIGURE), "--metrics", *METRICS],
+                       cwd=ROOT, check=True)
+        docs = ["README.md"]
+    else:
+        docs = ["docs/results.md"]
+        if str(golden.relative_to(ROOT)) not in (ROOT / docs[0]).read_text():
+            print(f"[demo-golden] {docs[0]} has no table of {golden.name} yet: add one (its marker names "
+                  f"`python tools/plot_run.py {golden.relative_to(ROOT)} --summary ...`)", file=sys.stderr)
+    subprocess.run([py, "tools/docs_tables.py", "--write", "--only", golden.name, *docs], cwd=ROOT, check=True)
 
 
 def main(argv=None) -> int:
