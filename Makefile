@@ -25,10 +25,11 @@ lint: setup
 	$(PY) -m ruff check megatron_lpreg tests bench tools launch
 
 # Test files run in parallel (two workers); the tests of one file stay together
-# because they share module-scoped multi-rank runs.
+# because they share module-scoped multi-rank runs. The 25 slowest are listed at the end:
+# CI has 40 minutes on two cores (docs/testing.md); `multinode` tests run in test-multinode.
 test: setup lint
 	@$(MAKE) --no-print-directory launch-venv || echo "[test] no nemo-run environment: the Slurm test uses plain sbatch"
-	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 # Each benchmark prints one JSON document; bench/results/ holds measured runs.
 bench: setup
@@ -71,9 +72,9 @@ MUTATE_ARGS ?=
 mutate: setup
 	$(PY) tools/mutation/run.py $(MUTATE_ARGS)
 
-# The launch cases that do not fit CI's time (docs/launch.md): the two-node requeue,
-# bit-identical to an uninterrupted two-node run, with the two-node, restart and hang
-# tests CI runs too. Root, a real Slurm (installed when missing) and network namespaces.
+# The launch cases that do not fit CI's time (docs/launch.md; the `multinode` marker): the
+# two-node requeue, bit-identical to an uninterrupted two-node run, the restart limit and
+# the hang watchdog, with the two-node and restart tests CI runs too. Root, a real Slurm (installed when missing) and network namespaces.
 .PHONY: test-multinode
 test-multinode: setup
 	@$(MAKE) --no-print-directory launch-venv || echo "[test] no nemo-run environment: the Slurm tests use plain sbatch"

@@ -67,6 +67,7 @@ def test_submit_requeue_resume(cluster, tmp_path):
     assert len(resumes) == 1 and resumes[0]["from_step"] >= 3, resumes
 
 
+@pytest.mark.multinode
 def test_restart_limit_stops_a_run_that_fails_at_every_start(cluster, tmp_path):
     task = write_task(tmp_path / "task", train_rows=300)
     out = tmp_path / "run"

@@ -38,7 +38,6 @@ from tests.trainer.runs import FAST, checkpoint_tensors, deterministic, metrics,
 
 pytest.importorskip("vllm")
 STEPS = 6
-MULTINODE = bool(os.environ.get("LPREG_MULTINODE"))
 LAUNCH_PYTHON = REPO / ".venv-launch" / "bin" / "python"
 
 
@@ -118,7 +117,7 @@ def test_two_node_dp2_run_survives_a_killed_rank(two_nodes, tmp_path):
         assert r["perf/slowest_rank"] in (0, 1) and r["perf/update_max_s"] >= r["perf/update_min_s"] > 0
 
 
-@pytest.mark.skipif(not MULTINODE, reason="make test-multinode (LPREG_MULTINODE=1): two more two-node runs")
+@pytest.mark.multinode
 def test_two_node_tp2_requeue_is_bit_identical(two_nodes, tmp_path):
     task = write_task(tmp_path / "task", train_rows=300)
     straight, requeued = tmp_path / "straight", tmp_path / "requeued"

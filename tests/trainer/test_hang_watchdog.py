@@ -31,6 +31,7 @@ HANG_TIMEOUT_S = 40
 SLACK_S = 30
 
 
+@pytest.mark.multinode
 def test_hang_watchdog_ends_every_rank_and_the_run_resumes(tmp_path):
     task = write_task(tmp_path / "task", train_rows=300)
     out = tmp_path / "run"

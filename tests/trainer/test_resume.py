@@ -39,12 +39,28 @@ METHODS = {
 }
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """``method -> (task, run)``: the uninterrupted run of a method, made once for the
+    module (two kill points of Lp-Reg compare with the same one)."""
+    runs = {}
+
+    def get(method: str):
+        if method not in runs:
+            root = tmp_path_factory.mktemp(f"straight_{method}")
+            task = write_task(root / "task", train_rows=300)
+            run_training(root / "run", task, f"train.steps={STEPS}", *METHODS[method])
+            runs[method] = (task, root / "run")
+        return runs[method]
+
+    return get
+
+
 @pytest.mark.parametrize(("method", "kill_after"), [("aer_dapo_tis", 2), ("lp_reg", 0), ("lp_reg", 2)])
-def test_kill_and_resume_is_exact(tmp_path, method, kill_after):
-    task = write_task(tmp_path / "task", train_rows=300)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+def test_kill_and_resume_is_exact(tmp_path, straight_run, method, kill_after):
+    task, straight = straight_run(method)
+    killed = tmp_path / "killed"
     extra = [f"train.steps={STEPS}", *METHODS[method]]
-    run_training(straight, task, *extra)
 
     proc = subprocess.Popen(train_cmd(killed, task, *extra), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
