@@ -20,7 +20,11 @@ over seeds with a +-1 std band. ``metrics:`` in the spec replaces the default li
 figure of every method; ``baseline:`` (a method) adds each method's end value minus the
 baseline's at the same seed (``summary.md`` and ``paired.json``). ``--summarize`` only
 rewrites summary and figures from the results present (a finished or interrupted
-study), without running anything.
+study), without running anything; with ``--markdown wide|paired|long`` it only prints
+that one table (for the docs' table markers, tools/docs_tables.py) and writes nothing;
+with ``--export DIR`` it also copies each run's metrics, only the step and the spec's
+metrics, to ``DIR/<method>/seed<k>/metrics.jsonl`` (the files the docs' tables are
+printed from, small enough to commit).
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated subset")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds, replacing the spec's")
     ap.add_argument("--summarize", action="store_true", help="only summarize and plot the results present")
+    ap.add_argument("--baseline", default=None, help="method for paired differences, replacing the spec's")
+    ap.add_argument("--markdown", choices=["wide", "paired", "long"], default=None,
+                    help="with --summarize and seeds: print only this table, write nothing")
+    ap.add_argument("--export", type=Path, default=None,
+                    help="with --summarize and seeds: copy each run's step and metrics to DIR")
     ap.add_argument("extra", nargs="*", help="key=value overrides for every method")
     a = ap.parse_args(argv)
     spec = load_spec(a.spec)
@@ -86,7 +95,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.spec}: seeds must be a list of integers")
     metrics = spec.get("metrics", METRICS)
     figures = spec.get("figures") or {}
-    baseline = spec.get("baseline")
+    baseline = a.baseline or spec.get("baseline")
+    if (a.markdown or a.export) and (not a.summarize or seeds == [None]):
+        raise SystemExit("--markdown and --export need --summarize and seeds (the spec's or --seeds)")
     unknown = sorted({m for ms in figures.values() for m in ms} - set(spec["methods"]))
     if unknown:
         raise SystemExit(f"{a.spec}: figures name methods the spec does not have: {unknown}")
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
                 return rc
             print(f"[compare] {label} done in {time.monotonic() - t:.0f}s", flush=True)
     if seeds != [None]:
-        return summarize_seeds(out, list(spec["methods"]), seeds, metrics, figures, baseline)
+        return summarize_seeds(out, list(spec["methods"]), seeds, metrics, figures, baseline,
+                               markdown=a.markdown, export=a.export)
     # plot every method of the spec that has results, not only the ones run now
     done = [m for m in spec["methods"] if (out / m / "metrics.jsonl").exists()]
     runs = [str(out / m) for m in done]
@@ -125,10 +137,13 @@ def main(argv=None) -> int:
 
 
 def summarize_seeds(out: Path, methods: list[str], seeds: list[int], metrics: list[str],
-                    figures: dict[str, list[str]] | None = None, baseline: str | None = None) -> int:
+                    figures: dict[str, list[str]] | None = None, baseline: str | None = None,
+                    markdown: str | None = None, export: Path | None = None) -> int:
     """``summary.md`` / ``summary.json`` (mean, std, n over seeds) and ``comparison.png``
     (bands; or one ``comparison_<name>.png`` per entry of ``figures``) from every method
-    and seed that has results; with ``baseline``, ``paired.json`` and its table too."""
+    and seed that has results; with ``baseline``, ``paired.json`` and its table too.
+    ``markdown``: print only that table (``long``, ``wide`` or ``paired``), write nothing.
+    ``export``: copy each run's step and ``metrics`` to ``export/<method>/seed<k>``."""
     groups, present = {}, {}
     for m in methods:
         present[m] = [s for s in seeds if (out / m / f"seed{s}" / "metrics.jsonl").exists()]
@@ -138,24 +153,39 @@ def summarize_seeds(out: Path, methods: list[str], seeds: list[int], metrics: li
         print(f"[compare] no results under {out}", file=sys.stderr)
         return 1
     rows = seed_summary(groups, metrics, seeds=present)
+    long = ["| method | metric | start value, mean | std | end value, mean | std | seeds |", "|---|---|---|---|---|---|---|"]
+    long += [f"| {r['label']} | {r['metric']} | {r['start_mean']:.4g} | {r['start_std']:.2g} | {r['mean']:.4g} "
+             f"| {r['std']:.2g} | {r['n']} |" for r in rows]
+    tables = {"long": "\n".join(long), "wide": wide_table(rows, list(groups), metrics)}
+    paired = paired_differences(rows, baseline) if baseline in groups else None
+    if paired is not None:
+        tables["paired"] = wide_table(paired, [m for m in groups if m != baseline], metrics,
+                                      f"method (end minus {baseline}'s at the same seed, mean ± std)")
+    if markdown is not None:
+        if markdown not in tables:
+            raise SystemExit(f"no {markdown} table: the paired table needs a baseline with results")
+        print(tables[markdown])
+        return 0
+    if export is not None:
+        for m, runs in groups.items():
+            for s, recs in zip(present[m], runs, strict=True):
+                path = export / m / f"seed{s}" / "metrics.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                keep = ("step", *metrics)
+                path.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in recs))
+        print(f"[compare] exported {sum(map(len, groups.values()))} runs' metrics to {export}")
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| method | metric | start value, mean | std | end value, mean | std | seeds |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['metric']} | {r['start_mean']:.4g} | {r['start_std']:.2g} | {r['mean']:.4g} "
-              f"| {r['std']:.2g} | {r['n']} |" for r in rows]
-    lines += ["", wide_table(rows, list(groups), metrics)]
-    if baseline in groups:
-        paired = paired_differences(rows, baseline)
+    if paired is not None:
         (out / "paired.json").write_text(json.dumps(paired, indent=1))
-        lines += ["", wide_table(paired, [m for m in groups if m != baseline], metrics,
-                                 f"method (end minus {baseline}'s at the same seed, mean ± std)")]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    text = "\n\n".join(tables.values())
+    (out / "summary.md").write_text(text + "\n")
     plots = {name: [m for m in ms if m in groups] for name, ms in (figures or {}).items()}
     plots = {name: ms for name, ms in plots.items() if ms} or {"": list(groups)}
     for name, ms in plots.items():
         png = out / (f"comparison_{name}.png" if name else "comparison.png")
         plot_bands({m: groups[m] for m in ms}, metrics, png)
         print(f"plot: {png}")
-    print("\n".join(lines))
+    print(text)
     return 0
 
 
