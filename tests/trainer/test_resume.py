@@ -1,7 +1,8 @@
 """SIGKILL mid-run, resume: the run ends bit-identical (weights and logged metrics)
-to an uninterrupted one, for the default Lp-Reg run and for a run with AER, DAPO's
-dynamic sampling and overlong penalty, and TIS; and for a run killed before its first
-update, which resumes from the step-0 checkpoint (one without optimiser moments)."""
+to an uninterrupted one, for an Lp-Reg run with AER, DAPO's dynamic sampling and
+overlong penalty, and TIS (every piece of state beyond the weights); and for the
+default Lp-Reg run killed before its first update, which resumes from the step-0
+checkpoint (one without optimiser moments)."""
 
 from __future__ import annotations
 
@@ -29,38 +30,22 @@ pytest.importorskip("vllm")
 STEPS = 4
 
 
-# the default Lp-Reg run, and one with every piece of state beyond the weights: AER's
+# the default Lp-Reg run, and Lp-Reg with every piece of state beyond the weights: AER's
 # controller, DAPO's refill (the data order moves by every prompt drawn), the overlong
 # penalty and truncated importance sampling
 METHODS = {
     "lp_reg": [],
-    "aer_dapo_tis": ["algo.loss=grpo", "algo.entropy_control=aer", "algo.aer_alpha_init=0.01", "algo.tis_cap=2.0",
-                     "rollout.dynamic_sampling=true", "reward.overlong_buffer_tokens=2"],
+    "lp_reg_aer_dapo_tis": ["algo.loss=lp_reg", "algo.entropy_control=aer", "algo.aer_alpha_init=0.01",
+                            "algo.tis_cap=2.0", "rollout.dynamic_sampling=true", "reward.overlong_buffer_tokens=2"],
 }
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """``method -> (task, run)``: the uninterrupted run of a method, made once for the
-    module (two kill points of Lp-Reg compare with the same one)."""
-    runs = {}
-
-    def get(method: str):
-        if method not in runs:
-            root = tmp_path_factory.mktemp(f"straight_{method}")
-            task = write_task(root / "task", train_rows=300)
-            run_training(root / "run", task, f"train.steps={STEPS}", *METHODS[method])
-            runs[method] = (task, root / "run")
-        return runs[method]
-
-    return get
-
-
-@pytest.mark.parametrize(("method", "kill_after"), [("aer_dapo_tis", 2), ("lp_reg", 0), ("lp_reg", 2)])
-def test_kill_and_resume_is_exact(tmp_path, straight_run, method, kill_after):
-    task, straight = straight_run(method)
-    killed = tmp_path / "killed"
+@pytest.mark.parametrize(("method", "kill_after"), [("lp_reg_aer_dapo_tis", 2), ("lp_reg", 0)])
+def test_kill_and_resume_is_exact(tmp_path, method, kill_after):
+    task = write_task(tmp_path / "task", train_rows=300)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
     extra = [f"train.steps={STEPS}", *METHODS[method]]
+    run_training(straight, task, *extra)
 
     proc = subprocess.Popen(train_cmd(killed, task, *extra), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -84,7 +69,7 @@ def test_kill_and_resume_is_exact(tmp_path, straight_run, method, kill_after):
     wb = checkpoint_tensors(killed / "checkpoints" / f"step_{STEPS:06d}", task / "model")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[n], wb[n]) for n in wa), [n for n in wa if not torch.equal(wa[n], wb[n])]
-    if method == "aer_dapo_tis":  # the pieces ran, and their state moved
+    if method == "lp_reg_aer_dapo_tis":  # the pieces ran, and their state moved
         # the coefficient is non-zero at the kill point and moves every step (entropy above the target)
         assert all(r["aer/target_entropy"] > 0 and r["aer/alpha"] > 0 for r in a)
         assert len({r["aer/next_alpha"] for r in a}) == STEPS
