@@ -74,7 +74,8 @@ mutate: setup
 
 # The launch cases that do not fit CI's time (docs/launch.md; the `multinode` marker): the
 # two-node requeue, bit-identical to an uninterrupted two-node run, the restart limit and
-# the hang watchdog, with the two-node and restart tests CI runs too. Root, a real Slurm (installed when missing) and network namespaces.
+# the hang watchdog, with the two-node and restart tests CI runs too. Root, a real Slurm
+# (installed when missing) and network namespaces.
 .PHONY: test-multinode
 test-multinode: setup
 	@$(MAKE) --no-print-directory launch-venv || echo "[test] no nemo-run environment: the Slurm tests use plain sbatch"

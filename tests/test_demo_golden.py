@@ -60,9 +60,10 @@ def mismatches(fresh: list[dict], golden: list[dict], tol: float = TOLERANCE) ->
 @pytest.mark.slow
 def test_demo_golden_first_steps(tmp_path):
     here = demo_golden.environment()
-    path, env_path = demo_golden.golden_for(demo_golden.machine_key(here))
+    key = demo_golden.machine_key(here)
+    path, env_path = demo_golden.golden_for(key)
     if not path.exists():
-        pytest.skip(f"no golden demo run for this kind of machine ({demo_golden.machine_key(here)}; recorded: "
+        pytest.skip(f"no golden demo run for this kind of machine ({key}; recorded: "
                     f"{', '.join(demo_golden.recorded_keys())}): `make demo-golden` records one")
     golden = read_metrics(path)[:K]
     env = json.loads(env_path.read_text())

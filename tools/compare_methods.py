@@ -167,11 +167,11 @@ def summarize_seeds(out: Path, methods: list[str], seeds: list[int], metrics: li
         print(tables[markdown])
         return 0
     if export is not None:
+        keep = ("step", *metrics)
         for m, runs in groups.items():
             for s, recs in zip(present[m], runs, strict=True):
                 path = export / m / f"seed{s}" / "metrics.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                keep = ("step", *metrics)
                 path.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in recs))
         print(f"[compare] exported {sum(map(len, groups.values()))} runs' metrics to {export}")
     (out / "summary.json").write_text(json.dumps(rows, indent=1))
